@@ -1,0 +1,93 @@
+"""The public entry points: orchestration only, no math.
+
+``compile(model, rules) = emit(match(canonicalize(trace(model)), RuleSet.ensure(rules)))``
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from lrpfx.canonicalize import canonicalize
+from lrpfx.emit import emit
+from lrpfx.errors import UnmatchedNodeError
+from lrpfx.match import Plan, plan
+from lrpfx.patterns import describe
+from lrpfx.rules import Rule
+from lrpfx.ruleset import Binding, RuleSet
+from lrpfx.trace import LeafSpec, trace
+
+RulesArg = RuleSet | str | Path
+
+
+def _ruleset(rules: RulesArg, bindings: Mapping[str, Rule] | None, top: str | None) -> RuleSet:
+    rs = RuleSet.ensure(rules)
+    if bindings:
+        rs = rs.with_bindings([Binding(p, r) for p, r in bindings.items()])
+    if top is not None:
+        rs = dataclasses.replace(rs, top=top)
+    return rs
+
+
+def inspect(model: torch.nn.Module, rules: RulesArg = "epsilon_plus_flat", *,
+            bindings: Mapping[str, Rule] | None = None, leaf_modules: Iterable[LeafSpec] = ()) -> Plan:
+    """The plan for ``model`` under ``rules``, without building the explainer.
+
+    ``print(lrpfx.inspect(model, "c3_lrp"))`` shows, per node of the canonical graph, its op,
+    the pattern that matched and the rule it got; nodes nothing matched are listed too.
+    """
+    gm = canonicalize(trace(model, leaf_modules))
+    return plan(gm, _ruleset(rules, bindings, None))
+
+
+def compile(model: torch.nn.Module, rules: RulesArg = "epsilon_plus_flat", *,
+            top: str | None = None, bindings: Mapping[str, Rule] | None = None,
+            leaf_modules: Iterable[LeafSpec] = ()) -> fx.GraphModule:
+    """Compile ``model`` into a relevance network.
+
+    Args:
+        model: an ``nn.Module`` in eval mode with one tensor input and (N, classes) output.
+            It is deep-copied and never modified.
+        rules: a built-in rule-set name (see ``lrpfx.builtin_rulesets()``), a TOML path or a RuleSet.
+        top: ``"logit"`` (default of most rule sets) or ``"softmax"``: what the output relevance is.
+        bindings: extra ``{pattern: rule}`` bindings that win over the rule set's own.
+        leaf_modules: module types or qualified names that fx should not trace into.
+
+    Returns:
+        An ``fx.GraphModule`` whose ``forward(x, target=None)`` returns ``(relevance, logits)``;
+        ``relevance`` has ``x``'s shape. ``print(explainer.code)`` shows the generated forward.
+
+    Raises:
+        TrainModeError, TraceError, RuleSetError, UnmatchedNodeError: with the node and a hint.
+    """
+    p = inspect(model, rules, bindings=bindings, leaf_modules=leaf_modules)
+    if top is not None:
+        p.ruleset = dataclasses.replace(p.ruleset, top=top)
+    if p.unmatched:
+        raise unmatched_error(p)
+    return emit(p)
+
+
+def unmatched_error(p: Plan) -> UnmatchedNodeError:
+    """One error listing every node nothing matched, with its op and a hint."""
+    lines = [f"  {n.format_node()}   [{describe(n, p.gm)}]" for n in p.unmatched]
+    ops = sorted({describe(n, p.gm) for n in p.unmatched})
+    return UnmatchedNodeError(
+        f"{len(p.unmatched)} node(s) have no rule in rule set {p.ruleset.name!r} (unsupported op(s): "
+        f"{', '.join(ops)}):\n" + "\n".join(lines)
+        + "\nHint: register a rule and a pattern for these ops (lrpfx.register_rule / register_pattern), "
+          "or mark the module that contains them as a leaf (leaf_modules=[...]) and bind a rule to it.",
+        [n.name for n in p.unmatched])
+
+
+def builtin_rulesets() -> list[str]:
+    """Names of the built-in rule sets."""
+    from lrpfx.ruleset import builtin_names
+    return builtin_names()
+
+
+__all__: list[Any] = ["compile", "inspect", "builtin_rulesets", "unmatched_error"]

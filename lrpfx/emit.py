@@ -1,0 +1,225 @@
+"""Stage 4: write the relevance graph and return it as a GraphModule.
+
+The generated forward is ``forward(x, target=None)``: first the forward replay under
+the trace's names, then the output relevance, then one rule application per node in
+reverse graph order. ``rel_<v>`` is the relevance of forward value ``<v>``; a value with
+several users gets one share per user, ``rel_<v>_from_<user>``, summed into ``rel_<v>``.
+Hyperparameters are keyword literals; the math is in :mod:`lrpfx.kernels`.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from lrpfx import kernels
+from lrpfx.errors import LrpfxError
+from lrpfx.match import Plan, relevance_inputs
+from lrpfx.rules import Call, Op
+
+
+class Emitter:
+    """Builds the relevance graph for one :class:`Plan`."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.gm = plan.gm
+        self.graph = fx.Graph()
+        self.env: dict[fx.Node, fx.Node] = {}
+        self.shares: dict[fx.Node, list[tuple[str, fx.Node]]] = {}
+        pathset = set(plan.path)
+        self.rel_inputs = {n: relevance_inputs(n, plan.kinds.get(n), pathset) for n in plan.path}
+        self.nonneg = self._nonneg()
+        self.n_rel_users = {n: 0 for n in plan.path}
+        for n in plan.path:
+            for i in self._inputs_of(n):
+                self.n_rel_users[i] += 1
+
+    # ------------------------------------------------------------------ graph building
+    def forward_replay(self) -> tuple[fx.Node, fx.Node]:
+        """Copy the forward graph; returns (target placeholder, logits)."""
+        x = self.graph.placeholder(self.plan.input.name)
+        x.meta = dict(self.plan.input.meta)
+        target = self.graph.placeholder("target", default_value=None)
+        self.env[self.plan.input] = x
+        ndim, channels = self._input_spec()
+        if ndim is not None:
+            self.graph.call_function(kernels.check_input, (x,), {"ndim": ndim, "channels": channels})
+        for n in self.gm.graph.nodes:
+            if n.op in ("placeholder", "output"):
+                continue
+            self.env[n] = self.graph.node_copy(n, lambda a: self.env[a])
+        return target, self.env[self.plan.output]
+
+    def relevance(self, target: fx.Node, logits: fx.Node) -> fx.Node:
+        """Emit the relevance pass; returns the node holding the input relevance."""
+        top = self._node(Call(kernels.top_relevance, (logits, target), {"top": self.plan.ruleset.top}),
+                         f"rel_{self.plan.output.name}", {"rule": f"top={self.plan.ruleset.top}"})
+        self.shares[self.plan.output] = [("output", top)]
+        done: set[int] = set()
+        for n in reversed(self.plan.path):
+            if n.op == "placeholder":
+                continue
+            rel = self._combine(n)
+            if rel is None:
+                continue
+            a = self.plan.assignments[n]
+            if a.anchor is not n or id(a) in done:
+                continue  # interior node of a block: the block's rule covers it
+            done.add(id(a))
+            self._apply(a, n, rel)
+        rel_x = self._combine(self.plan.input)
+        if rel_x is None:
+            raise LrpfxError("no relevance reaches the input: the output does not depend on it.")
+        return rel_x
+
+    def _apply(self, a: Any, n: fx.Node, rel: fx.Node) -> None:
+        if a.block is not None:
+            op = self._block_op(a, rel)
+            inputs = [a.block.input]
+        else:
+            op = self._op(n, rel)
+            inputs = self.rel_inputs[n]
+        calls = a.rule.apply(op)
+        meta = {"pattern": a.pattern, "rule": str(a.rule), "source": n.name}
+        for i, call in zip(inputs, calls):
+            name = f"rel_{i.name}" if self.n_rel_users[i] == 1 else f"rel_{i.name}_from_{n.name}"
+            self.shares.setdefault(i, []).append((n.name, self._node(call, name, meta)))
+
+    def _combine(self, n: fx.Node) -> fx.Node | None:
+        shares = self.shares.pop(n, [])
+        if len(shares) <= 1:
+            return shares[0][1] if shares else None
+        total = shares[0][1]
+        for i, (_, s) in enumerate(shares[1:]):
+            name = f"rel_{n.name}" if i == len(shares) - 2 else None
+            total = self._node(Call(operator.add, (total, s)), name, {"rule": "sum of shares"})
+        return total
+
+    def _node(self, call: Call, name: str | None, meta: dict[str, str]) -> fx.Node:
+        args = tuple(self._materialize(a, meta) for a in call.args)
+        kwargs = {k: self._materialize(v, meta) for k, v in call.kwargs.items()}
+        node = self.graph.create_node("call_function", call.fn, args, kwargs, name=name)
+        node.meta["lrpfx"] = dict(meta)
+        return node
+
+    def _materialize(self, v: Any, meta: dict[str, str]) -> Any:
+        return self._node(v, None, meta) if isinstance(v, Call) else v
+
+    # ------------------------------------------------------------------ op descriptions
+    def _inputs_of(self, n: fx.Node) -> list[fx.Node]:
+        a = self.plan.assignments.get(n)
+        if a is not None and a.block is not None:
+            return [a.block.input] if a.anchor is n else []
+        return self.rel_inputs.get(n, [])
+
+    def _op(self, n: fx.Node, rel: fx.Node) -> Op:
+        kind = self.plan.kinds[n]
+        ins = self.rel_inputs[n]
+        op = Op(kind=kind, node=n.name, inputs=[self.env[i] for i in ins], out=self.env[n], rel=rel,
+                nonneg=[self.nonneg.get(i, False) for i in ins])
+        if n.op == "call_module":
+            self._module_facts(op, n, self.gm.get_submodule(n.target))
+        return op
+
+    def _block_op(self, a: Any, rel: fx.Node) -> Op:
+        op = Op(kind=a.pattern, node=a.anchor.name, inputs=[self.env[a.block.input]], out=self.env[a.anchor],
+                rel=rel, nonneg=[self.nonneg.get(a.block.input, False)])
+        op.attrs["block"] = a.block
+        op.attrs["env"] = self.env
+        op.attrs["emitter"] = self
+        return op
+
+    def param(self, n: fx.Node, name: str) -> fx.Node | None:
+        """A get_attr node for parameter/buffer ``name`` of the module called by ``n``."""
+        if getattr(self.gm.get_submodule(n.target), name, None) is None:
+            return None
+        return self.graph.get_attr(f"{n.target}.{name}")
+
+    def _module_facts(self, op: Op, n: fx.Node, m: nn.Module) -> None:
+        if op.kind in ("conv", "linear"):
+            op.params = {"weight": self.param(n, "weight"), "bias": self.param(n, "bias")}
+            if op.kind == "conv":
+                op.attrs.update(_conv_geometry(n, m))
+        elif op.kind == "batchnorm":
+            op.params = {"running_var": self.param(n, "running_var"), "weight": self.param(n, "weight")}
+            op.attrs["bn_eps"] = float(m.eps)
+        elif op.kind in ("maxpool", "avgpool"):
+            for k in ("kernel_size", "stride", "padding", "dilation"):
+                if hasattr(m, k):
+                    op.attrs[k] = _pair(getattr(m, k) if getattr(m, k) is not None else m.kernel_size)
+            op.attrs["ceil_mode"] = bool(m.ceil_mode)
+            op.attrs["count_include_pad"] = bool(getattr(m, "count_include_pad", True))
+            if op.kind == "avgpool" and (m.ceil_mode or getattr(m, "divisor_override", None)):
+                raise LrpfxError(f"node {n.name!r}: AvgPool2d with ceil_mode or divisor_override is not supported. "
+                                 "Hint: register a rule for it, or mark its parent as a leaf module.")
+
+    def _nonneg(self) -> dict[fx.Node, bool]:
+        """Values proven non-negative at compile time (ReLU outputs, pools/sums/reshapes of them)."""
+        out: dict[fx.Node, bool] = {}
+        for n in self.plan.path:
+            kind = self.plan.kinds.get(n)
+            ins = self.rel_inputs.get(n, [])
+            if kind == "relu":
+                out[n] = True
+            elif kind in ("maxpool", "avgpool", "adaptive_avgpool", "reshape", "add") and ins:
+                out[n] = all(out.get(i, False) for i in ins)
+            else:
+                out[n] = False
+        return out
+
+    def _input_spec(self) -> tuple[int | None, int | None]:
+        """(rank, channels) the first layer needs, where it reads the input directly."""
+        for user in self.plan.input.users:
+            if user.op == "call_module":
+                m = self.gm.get_submodule(user.target)
+                if isinstance(m, nn.modules.conv._ConvNd):
+                    return m.weight.dim(), m.in_channels
+        return None, None
+
+
+def _pair(v: Any) -> tuple[int, ...]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+def _conv_geometry(n: fx.Node, m: nn.Module) -> dict[str, Any]:
+    if m.padding_mode != "zeros":
+        raise LrpfxError(f"node {n.name!r} ({type(m).__name__}): padding_mode={m.padding_mode!r} is not supported "
+                         "(relevance is routed as with zero padding). Hint: use padding_mode='zeros'.")
+    padding = m.padding
+    if isinstance(padding, str):
+        total = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
+        if padding == "valid":
+            padding = tuple(0 for _ in total)
+        elif all(t % 2 == 0 for t in total) and all(s == 1 for s in m.stride):
+            padding = tuple(t // 2 for t in total)
+        else:
+            raise LrpfxError(f"node {n.name!r}: padding='same' with an even receptive field pads asymmetrically, "
+                             "which lrpfx does not support. Hint: pad explicitly with F.pad before the conv.")
+    return {"stride": tuple(m.stride), "padding": tuple(padding), "dilation": tuple(m.dilation),
+            "groups": int(m.groups)}
+
+
+def emit(plan: Plan, postprocess: list[tuple[Any, dict[str, Any]]] | None = None) -> fx.GraphModule:
+    """The explainer module for ``plan``: ``forward(x, target=None) -> (relevance, logits, ...)``.
+
+    Args:
+        plan: a plan with no unmatched node.
+        postprocess: ``(function, kwargs)`` stages applied to the input relevance; each
+            returns a tensor or a tuple of tensors, appended to the outputs.
+    """
+    e = Emitter(plan)
+    target, logits = e.forward_replay()
+    rel_x = e.relevance(target, logits)
+    outputs: list[fx.Node] = [rel_x, logits]
+    for fn, kwargs in postprocess or []:
+        res = e.graph.call_function(fn, (rel_x,), kwargs)
+        outputs.extend(e.graph.call_function(operator.getitem, (res, i)) for i in range(2))
+    e.graph.output(tuple(outputs))
+    gm = fx.GraphModule(plan.gm, e.graph, class_name="RelevanceNetwork")
+    for p in gm.parameters():
+        p.requires_grad_(False)  # the explainer is a pure function of its input: no autograd state
+    return gm

@@ -1,0 +1,372 @@
+"""The tensor math of every rule: plain functions of tensors, no fx, no autograd.
+
+Each kernel maps the relevance of a layer's output to the relevance of its input(s).
+They are called from the generated forward of a compiled explainer as ``call_function``
+nodes whose hyperparameters are keyword literals, so every kernel must
+
+* use only ops that export (``conv_transpose*`` with an explicit ``output_padding``
+  instead of ``torch.nn.grad.conv2d_input``; ``scatter_add`` instead of ``max_unpool``),
+* branch only on static facts (shapes, dtypes, literal keyword arguments), never on values.
+
+Notation (METHOD_SPEC §1): ``a`` is the layer input, ``z`` its output (the pre-activation,
+reused from the forward replay where the rule allows it), ``rel`` the relevance of ``z``.
+Every linear-type rule follows the same four steps (Montavon et al., 2019):
+``z = rho(layer)(a)``; ``s = rel / stabilize(z)``; ``c = rho(layer)^T s``; ``R = a * c``.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from lrpfx.errors import InputError
+
+Geometry = tuple[Sequence[int], Sequence[int], Sequence[int], int]
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+# --------------------------------------------------------------------------- helpers
+def effective_eps(eps: float, dtype: torch.dtype) -> float:
+    """The stabilizer actually used: ``eps``, raised to the dtype's resolution.
+
+    In float16/bfloat16 an epsilon of 1e-6 vanishes next to any activation and its
+    reciprocal overflows float16, so the stabilizer scales with ``finfo(dtype).eps``.
+    ``eps == 0`` (LRP-0) stays exactly zero.
+    """
+    if eps == 0.0 or not dtype.is_floating_point:
+        return eps
+    return max(eps, torch.finfo(dtype).eps) if dtype in (torch.float16, torch.bfloat16) else eps
+
+
+def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
+    """``z + eps * sign(z)`` with ``sign(0) = +1`` (zennit's stabilizer).
+
+    With ``eps == 0`` (LRP-0) exact zeros are replaced by one: on a ReLU network the
+    relevance arriving at a zero pre-activation is itself zero, so the share stays 0
+    instead of becoming NaN.
+    """
+    eps = effective_eps(eps, z.dtype)
+    if eps == 0.0:
+        return torch.where(z == 0, torch.ones_like(z), z)
+    return z + eps * (2 * (z >= 0).to(z.dtype) - 1)
+
+
+def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+             stride: Sequence[int] | None, padding: Sequence[int] | None,
+             dilation: Sequence[int] | None, groups: int) -> torch.Tensor:
+    """The layer itself: a convolution when ``stride`` is given, else a dense layer."""
+    if stride is None:
+        return F.linear(x, weight, bias)
+    return _CONV[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
+
+
+def _transpose(s: torch.Tensor, weight: torch.Tensor, in_shape: Sequence[int],
+               stride: Sequence[int] | None, padding: Sequence[int] | None,
+               dilation: Sequence[int] | None, groups: int) -> torch.Tensor:
+    """The transposed layer ``W^T s`` (the vector-Jacobian product w.r.t. the input)."""
+    if stride is None:
+        return s @ weight
+    assert padding is not None and dilation is not None
+    nd = weight.dim() - 2
+    out_pad = [
+        in_shape[2 + i] - ((s.shape[2 + i] - 1) * stride[i] - 2 * padding[i]
+                           + dilation[i] * (weight.shape[2 + i] - 1) + 1)
+        for i in range(nd)
+    ]
+    return _CONV_T[nd](s, weight, None, stride, padding, out_pad, groups, dilation)
+
+
+def _pos(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.clamp(min=0)
+
+
+def _neg(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.clamp(max=0)
+
+
+# --------------------------------------------------------------------------- linear-type rules
+def epsilon(a: torch.Tensor, z: torch.Tensor | None, rel: torch.Tensor, weight: torch.Tensor,
+            bias: torch.Tensor | None = None, *, eps: float, stride: Sequence[int] | None = None,
+            padding: Sequence[int] | None = None, dilation: Sequence[int] | None = None,
+            groups: int = 1) -> torch.Tensor:
+    """LRP-epsilon (Bach et al., 2015); ``eps=0`` is LRP-0.
+
+    ``z`` is the layer's forward output, reused; pass ``z=None`` to recompute it from
+    ``weight`` and ``bias`` (e.g. with the bias dropped).
+    """
+    if z is None:
+        z = _forward(a, weight, bias, stride, padding, dilation, groups)
+    s = rel / stabilize(z, eps)
+    return a * _transpose(s, weight, a.shape, stride, padding, dilation, groups)
+
+
+def zplus(a: torch.Tensor, rel: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+          *, eps: float, nonneg: bool = False, stride: Sequence[int] | None = None,
+          padding: Sequence[int] | None = None, dilation: Sequence[int] | None = None,
+          groups: int = 1) -> torch.Tensor:
+    """z+ as zennit's ``ZPlus`` = alpha1-beta0 (Bach et al., 2015; Montavon et al., 2017).
+
+    Positive contributions ``w+ a+ + w- a-``, with ``b+`` in the denominator when a bias is
+    given. ``nonneg=True`` states that ``a >= 0`` (proven at compile time), which drops
+    the two terms that vanish then.
+    """
+    geo = (stride, padding, dilation, groups)
+    wp = weight.clamp(min=0)
+    if nonneg:
+        s = rel / stabilize(_forward(a, wp, _pos(bias), *geo), eps)
+        return a * _transpose(s, wp, a.shape, *geo)
+    wn = weight.clamp(max=0)
+    ap, an = a.clamp(min=0), a.clamp(max=0)
+    z = _forward(ap, wp, _pos(bias), *geo) + _forward(an, wn, None, *geo)
+    s = rel / stabilize(z, eps)
+    return ap * _transpose(s, wp, a.shape, *geo) + an * _transpose(s, wn, a.shape, *geo)
+
+
+def alpha_beta(a: torch.Tensor, rel: torch.Tensor, weight: torch.Tensor,
+               bias: torch.Tensor | None = None, *, alpha: float, beta: float, eps: float,
+               nonneg: bool = False, stride: Sequence[int] | None = None,
+               padding: Sequence[int] | None = None, dilation: Sequence[int] | None = None,
+               groups: int = 1) -> torch.Tensor:
+    """LRP-alpha-beta (Bach et al., 2015), zennit's handling of signed inputs.
+
+    Positive part ``w+ a+ + w- a-`` (+ ``b+``), negative part ``w- a+ + w+ a-`` (+ ``b-``).
+    """
+    geo = (stride, padding, dilation, groups)
+    wp, wn = weight.clamp(min=0), weight.clamp(max=0)
+    ap, an = a.clamp(min=0), a.clamp(max=0)
+    zp = _forward(ap, wp, _pos(bias), *geo)
+    zn = _forward(ap, wn, _neg(bias), *geo)
+    if not nonneg:
+        zp = zp + _forward(an, wn, None, *geo)
+        zn = zn + _forward(an, wp, None, *geo)
+    sp = rel / stabilize(zp, eps)
+    sn = rel / stabilize(zn, eps)
+    out = alpha * ap * _transpose(sp, wp, a.shape, *geo) - beta * ap * _transpose(sn, wn, a.shape, *geo)
+    if not nonneg:
+        out = out + alpha * an * _transpose(sp, wn, a.shape, *geo) - beta * an * _transpose(sn, wp, a.shape, *geo)
+    return out
+
+
+def gamma(a: torch.Tensor, z: torch.Tensor, rel: torch.Tensor, weight: torch.Tensor,
+          bias: torch.Tensor | None = None, *, gamma: float, eps: float, nonneg: bool = False,
+          stride: Sequence[int] | None = None, padding: Sequence[int] | None = None,
+          dilation: Sequence[int] | None = None, groups: int = 1) -> torch.Tensor:
+    """Generalized LRP-gamma (Montavon et al., 2019; Andeol et al., 2021), as zennit's ``Gamma``.
+
+    Outputs with ``z > 0`` propagate through ``w + gamma w+`` (contributions ``a+`` and
+    ``a-`` with the matching weight signs), outputs with ``z < 0`` through ``w + gamma w-``.
+    ``z`` is the layer's real output, reused.
+    """
+    geo = (stride, padding, dilation, groups)
+    w_up = weight + gamma * weight.clamp(min=0)
+    w_dn = weight + gamma * weight.clamp(max=0)
+    b_up = None if bias is None else bias + gamma * bias.clamp(min=0)
+    b_dn = None if bias is None else bias + gamma * bias.clamp(max=0)
+    ap = a.clamp(min=0)
+    z_up = _forward(ap, w_up, b_up, *geo)
+    z_dn = _forward(ap, w_dn, b_dn, *geo)
+    if nonneg:
+        s_up = (z > 0).to(rel.dtype) * rel / stabilize(z_up, eps)
+        s_dn = (z < 0).to(rel.dtype) * rel / stabilize(z_dn, eps)
+        return ap * (_transpose(s_up, w_up, a.shape, *geo) + _transpose(s_dn, w_dn, a.shape, *geo))
+    an = a.clamp(max=0)
+    z_up = z_up + _forward(an, w_dn, None, *geo)
+    z_dn = z_dn + _forward(an, w_up, None, *geo)
+    s_up = (z > 0).to(rel.dtype) * rel / stabilize(z_up, eps)
+    s_dn = (z < 0).to(rel.dtype) * rel / stabilize(z_dn, eps)
+    return (ap * _transpose(s_up, w_up, a.shape, *geo) + an * _transpose(s_up, w_dn, a.shape, *geo)
+            + ap * _transpose(s_dn, w_dn, a.shape, *geo) + an * _transpose(s_dn, w_up, a.shape, *geo))
+
+
+def _bound(value: Sequence[float] | float, like: torch.Tensor) -> torch.Tensor:
+    """A per-channel bound (or scalar) broadcast to ``like``'s shape."""
+    t = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    if t.dim() == 1:
+        t = t.view(1, -1, *([1] * (like.dim() - 2)))
+    return t.expand_as(like)
+
+
+def zbox(a: torch.Tensor, rel: torch.Tensor, weight: torch.Tensor, *,
+         low: Sequence[float] | float, high: Sequence[float] | float, eps: float,
+         stride: Sequence[int] | None = None, padding: Sequence[int] | None = None,
+         dilation: Sequence[int] | None = None, groups: int = 1) -> torch.Tensor:
+    """The z^B (box) rule for bounded inputs (Montavon et al., 2017), as zennit's ``ZBox``.
+
+    ``low``/``high`` are the lowest and highest possible (normalized) input values, per
+    channel; like the input they are zero-padded. Biases cancel exactly, so none is taken.
+    """
+    geo = (stride, padding, dilation, groups)
+    wp, wn = weight.clamp(min=0), weight.clamp(max=0)
+    lo, hi = _bound(low, a), _bound(high, a)
+    z = _forward(a, weight, None, *geo) - _forward(lo, wp, None, *geo) - _forward(hi, wn, None, *geo)
+    s = rel / stabilize(z, eps)
+    return (a * _transpose(s, weight, a.shape, *geo) - lo * _transpose(s, wp, a.shape, *geo)
+            - hi * _transpose(s, wn, a.shape, *geo))
+
+
+def flat(a: torch.Tensor, rel: torch.Tensor, weight: torch.Tensor, *, eps: float,
+         stride: Sequence[int] | None = None, padding: Sequence[int] | None = None,
+         dilation: Sequence[int] | None = None, groups: int = 1) -> torch.Tensor:
+    """The flat rule (Lapuschkin et al., 2019): relevance spread uniformly over the receptive field."""
+    geo = (stride, padding, dilation, groups)
+    ones_w = torch.ones_like(weight)
+    z = _forward(torch.ones_like(a), ones_w, None, *geo)
+    return _transpose(rel / stabilize(z, eps), ones_w, a.shape, *geo)
+
+
+def wsquare(a: torch.Tensor, rel: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+            *, eps: float, stride: Sequence[int] | None = None, padding: Sequence[int] | None = None,
+            dilation: Sequence[int] | None = None, groups: int = 1) -> torch.Tensor:
+    """The w^2 rule (Montavon et al., 2017), as zennit's ``WSquare`` (squared bias in the denominator)."""
+    geo = (stride, padding, dilation, groups)
+    w2 = weight * weight
+    z = _forward(torch.ones_like(a), w2, None if bias is None else bias * bias, *geo)
+    return _transpose(rel / stabilize(z, eps), w2, a.shape, *geo)
+
+
+# --------------------------------------------------------------------------- other ops
+def batchnorm_epsilon(a: torch.Tensor, z: torch.Tensor, rel: torch.Tensor, running_var: torch.Tensor,
+                      weight: torch.Tensor | None, *, bn_eps: float, eps: float) -> torch.Tensor:
+    """Elementwise LRP-epsilon on an un-folded BatchNorm ``y = s x + t`` (METHOD_SPEC §1.3 (b))."""
+    scale = torch.rsqrt(running_var + bn_eps)
+    if weight is not None:
+        scale = scale * weight
+    scale = scale.view(1, -1, *([1] * (a.dim() - 2)))
+    return a * scale * (rel / stabilize(z, eps))
+
+
+def avgpool(a: torch.Tensor, z: torch.Tensor, rel: torch.Tensor, *, eps: float,
+            kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+            count_include_pad: bool = True) -> torch.Tensor:
+    """Average pooling as a linear layer with weights 1/n (zennit's ``Norm``).
+
+    ``z`` is the pooled forward output; R_j = a_j * sum_k R_k / (n_k * stabilize(z_k)).
+    """
+    s = rel / stabilize(z, eps)
+    channels = a.shape[1]
+    nd = a.dim() - 2
+    ones = torch.ones((channels, 1, *kernel_size), dtype=a.dtype, device=a.device)
+    if count_include_pad:
+        s = s / float(torch.tensor(list(kernel_size)).prod())
+    else:
+        count = _CONV[nd](torch.ones_like(a[:1, :1]), ones[:1], None, stride, padding)
+        s = s / count
+    return a * _transpose(s, ones, a.shape, stride, padding, [1] * nd, channels)
+
+
+def avg_pool(a: torch.Tensor, *, kernel_size: Sequence[int], stride: Sequence[int],
+             padding: Sequence[int]) -> torch.Tensor:
+    """2-D average pooling (the forward of a max-pool treated as an average)."""
+    return F.avg_pool2d(a, kernel_size, stride, padding)
+
+
+def _adaptive_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
+    """The (n_out, n_in) averaging matrix of adaptive pooling along one axis."""
+    rows = []
+    for i in range(n_out):
+        start, end = (i * n_in) // n_out, -(-((i + 1) * n_in) // n_out)
+        rows.append([1.0 / (end - start) if start <= j < end else 0.0 for j in range(n_in)])
+    return torch.tensor(rows, dtype=like.dtype, device=like.device)
+
+
+def adaptive_avgpool2d(a: torch.Tensor, z: torch.Tensor, rel: torch.Tensor, *, eps: float) -> torch.Tensor:
+    """Adaptive 2-D average pooling as a linear layer (Norm rule), any output size."""
+    s = rel / stabilize(z, eps)
+    (h, w), (oh, ow) = a.shape[-2:], z.shape[-2:]
+    if oh == 1 and ow == 1:  # global pooling, the common case: a broadcast
+        return a * (s / float(h * w))
+    ph, pw = _adaptive_matrix(h, oh, a), _adaptive_matrix(w, ow, a)
+    return a * (ph.t() @ s @ pw)
+
+
+def maxpool_wta(a: torch.Tensor, rel: torch.Tensor, *, kernel_size: Sequence[int],
+                stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                ceil_mode: bool) -> torch.Tensor:
+    """Max pooling, winner takes all: each output's relevance goes to its argmax input.
+
+    Overlapping windows accumulate; ties go to the index PyTorch picks, as in autograd.
+    Routed by ``scatter_add`` on the pooling indices, which exports (``max_unpool`` does not).
+    """
+    _, idx = F.max_pool2d(a, kernel_size, stride, padding, dilation, ceil_mode, return_indices=True)
+    n, c = rel.shape[:2]
+    out = torch.zeros((n, c, a.shape[2] * a.shape[3]), dtype=rel.dtype, device=rel.device)
+    return out.scatter_add(2, idx.flatten(2), rel.flatten(2)).view(a.shape)
+
+
+def add_split(u: torch.Tensor, rel: torch.Tensor, *, eps: float) -> torch.Tensor:
+    """The shared factor of the proportional split at ``u = h_1 + h_2``: R_i = h_i * (R / u)."""
+    return rel / stabilize(u, eps)
+
+
+def reshape_as(rel: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Pass relevance back through a reshape (flatten, view) or an elementwise pass-through."""
+    return rel.reshape(a.shape)
+
+
+# --------------------------------------------------------------------------- entry and exit
+def _validating() -> bool:
+    """Value checks run in eager mode only: exported and compiled graphs carry none."""
+    return not (torch.jit.is_tracing() or torch.compiler.is_compiling()
+                or torch.onnx.is_in_onnx_export())
+
+
+def check_input(x: torch.Tensor, *, ndim: int, channels: int | None) -> torch.Tensor:
+    """Refuse input of the wrong rank or channel count, and non-finite input, with a clear message."""
+    if x.dim() != ndim:
+        raise InputError(
+            f"input has shape {tuple(x.shape)} but the model expects {ndim} dimensions "
+            f"(N, C{', H, W' if ndim == 4 else ', ...'}). Hint: add a batch dimension with x.unsqueeze(0).")
+    if channels is not None and x.shape[1] != channels:
+        raise InputError(
+            f"input has {x.shape[1]} channels (shape {tuple(x.shape)}) but the first layer expects "
+            f"{channels}. Hint: convert grayscale/RGBA images to the model's channel count.")
+    if _validating() and not bool(torch.isfinite(x).all()):
+        bad = sorted({int(i) for i in (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten()})
+        raise InputError(f"input contains NaN or inf in sample(s) {bad}. Hint: clean the input; "
+                         "LRP of a non-finite input is undefined.")
+    return x
+
+
+def top_relevance(logits: torch.Tensor, target: torch.Tensor | int | None, *, top: str) -> torch.Tensor:
+    """The relevance put on the output: the target logit (``top="logit"``) or its softmax probability.
+
+    ``target`` is ``None`` (argmax per sample), an int, a LongTensor (N,) or a float tensor
+    (N, classes), which is used as the output relevance itself.
+    """
+    if logits.dim() != 2:
+        raise InputError(f"the model's output has shape {tuple(logits.shape)}; lrpfx explains (N, classes) "
+                         "outputs. Hint: wrap the model so that it returns class scores.")
+    n, classes = logits.shape
+    if isinstance(target, torch.Tensor) and target.is_floating_point():
+        if tuple(target.shape) != (n, classes):
+            raise InputError(f"a float target is used as the output relevance and must have the logits' "
+                             f"shape {(n, classes)}, got {tuple(target.shape)}.")
+        return target.to(logits.dtype)
+    if target is None:
+        index = logits.argmax(1)
+    elif isinstance(target, int):
+        _check_range(torch.tensor([target]), classes)
+        index = torch.full((n,), target, dtype=torch.long, device=logits.device)
+    elif isinstance(target, torch.Tensor) and not target.is_floating_point() and target.dtype != torch.bool:
+        index = target.reshape(-1).to(device=logits.device, dtype=torch.long)
+        if index.numel() == 1 and n != 1:
+            index = index.expand(n)
+        if index.shape[0] != n:
+            raise InputError(f"target has {index.shape[0]} entries for a batch of {n}. "
+                             "Hint: pass one class per sample, an int, or None for the argmax.")
+        _check_range(index, classes)
+    else:
+        raise InputError(f"target must be None, an int, a LongTensor (N,) or a float tensor (N, classes); "
+                         f"got {type(target).__name__}{'' if not isinstance(target, torch.Tensor) else ' of dtype ' + str(target.dtype)}.")
+    score = logits.softmax(1) if top == "softmax" else logits
+    onehot = F.one_hot(index, classes).to(logits.dtype)
+    return onehot * score
+
+
+def _check_range(index: torch.Tensor, classes: int) -> None:
+    if _validating() and bool(((index < 0) | (index >= classes)).any()):
+        raise InputError(f"target {index.tolist()} out of range for a model with {classes} classes "
+                         f"(valid: 0..{classes - 1}).")

@@ -1,0 +1,154 @@
+"""Stage 3: bind a rule to every node on the relevance path; the result is a :class:`Plan`.
+
+The relevance path is every tensor-valued node that depends on the model input and
+feeds the output. Bindings are tried in the rule set's order (user bindings first);
+the first whose pattern matches a node wins. Whole-block patterns (``bottleneck``,
+``basic_block``) are matched first, longest first, as disjoint subgraphs.
+Nodes nothing matched are reported, never skipped.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+from lrpfx import blocks
+from lrpfx.errors import RuleSetError
+from lrpfx.patterns import describe, get_pattern, op_kind
+from lrpfx.rules import Rule
+from lrpfx.ruleset import RuleSet
+
+
+def known_pattern(name: str) -> bool:
+    """Whether ``name`` is a registered single-op or block pattern."""
+    return get_pattern(name) is not None or name in blocks.BLOCK_PATTERNS
+
+
+@dataclass
+class Assignment:
+    """A rule bound to one node (single-op pattern) or to a whole block."""
+
+    pattern: str
+    rule: Rule
+    nodes: tuple[fx.Node, ...]
+    block: blocks.BlockMatch | None = None
+
+    @property
+    def anchor(self) -> fx.Node:
+        """The node whose output relevance the rule consumes (the last node)."""
+        return self.nodes[-1]
+
+
+@dataclass
+class Plan:
+    """Which rule each node of the canonical graph got, and which nodes nothing matched."""
+
+    gm: fx.GraphModule
+    ruleset: RuleSet
+    input: fx.Node
+    output: fx.Node
+    kinds: dict[fx.Node, str]
+    path: list[fx.Node]
+    assignments: dict[fx.Node, Assignment] = field(default_factory=dict)
+    unmatched: list[fx.Node] = field(default_factory=list)
+    near_misses: list[str] = field(default_factory=list)
+
+    def rows(self) -> list[tuple[str, str, str, str]]:
+        """(node, op, pattern, rule) for every node on the relevance path, in graph order."""
+        out = []
+        for n in self.path:
+            if n.op == "placeholder":
+                continue
+            a = self.assignments.get(n)
+            pattern = "-" if a is None else (a.pattern if a.anchor is n or a.block is None else f"({a.pattern})")
+            rule = "UNMATCHED" if a is None else (str(a.rule) if a.anchor is n else f"in {a.anchor.name}")
+            out.append((n.name, describe(n, self.gm), pattern, rule))
+        return out
+
+    def __str__(self) -> str:
+        rows = [("node", "op", "pattern", "rule")] + self.rows()
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        lines = [f"Plan for rule set {self.ruleset.name!r} (top={self.ruleset.top})"]
+        lines += ["  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows]
+        if self.unmatched:
+            lines.append(f"unmatched: {', '.join(n.name for n in self.unmatched)}")
+        lines += [f"near miss: {m}" for m in self.near_misses]
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def relevance_inputs(node: fx.Node, kind: str | None, path: set[fx.Node]) -> list[fx.Node]:
+    """The inputs of ``node`` that take relevance: tensor inputs on the relevance path."""
+    if kind in ("add",):
+        return [a for a in node.args[:2] if isinstance(a, fx.Node) and a in path]
+    first = node.args[0] if node.args else None
+    return [first] if isinstance(first, fx.Node) and first in path else []
+
+
+def _relevance_path(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> tuple[fx.Node, fx.Node, list[fx.Node]]:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        from lrpfx.errors import TraceError
+        raise TraceError(f"lrpfx explains models with one tensor input; this forward takes "
+                         f"{[p.name for p in placeholders]}. Hint: wrap the model so that forward(x) takes one tensor.")
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    result = out_node.args[0]
+    if not isinstance(result, fx.Node):
+        from lrpfx.errors import TraceError
+        raise TraceError(f"the model returns {type(result).__name__} ({result!r}); lrpfx explains a model that "
+                         "returns one tensor of class scores. Hint: wrap it, e.g. `lambda x: model(x)['logits']`.")
+    depends: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" or any(a in depends for a in n.all_input_nodes):
+            if kinds.get(n) != "shape":
+                depends.add(n)
+    feeds: set[fx.Node] = set()
+    stack = [result]
+    while stack:
+        n = stack.pop()
+        if n in feeds or n not in depends:
+            continue
+        feeds.add(n)
+        stack.extend(n.all_input_nodes)
+    return placeholders[0], result, [n for n in gm.graph.nodes if n in feeds]
+
+
+def plan(gm: fx.GraphModule, ruleset: RuleSet) -> Plan:
+    """Bind rules to the nodes of a canonical graph."""
+    kinds = {n: k for n in gm.graph.nodes if (k := op_kind(n, gm)) is not None}
+    inp, result, path = _relevance_path(gm, kinds)
+    p = Plan(gm, ruleset, inp, result, kinds, path)
+    _bind_blocks(p)
+    for node in path:
+        if node.op == "placeholder" or node in p.assignments:
+            continue
+        for b in ruleset.bindings:
+            pattern = get_pattern(b.pattern)
+            if pattern is not None and pattern.matches(node, kinds):
+                _check_applies(b.rule, kinds[node], node, b.pattern)
+                p.assignments[node] = Assignment(b.pattern, b.rule, (node,))
+                break
+        else:
+            p.unmatched.append(node)
+    return p
+
+
+def _bind_blocks(p: Plan) -> None:
+    """Bind block rules: for each block binding, in order, its disjoint matches."""
+    wanted = [b for b in p.ruleset.bindings if b.pattern in blocks.BLOCK_PATTERNS]
+    if not wanted:
+        return
+    found, misses = blocks.find_blocks(p.gm, p.kinds, set(p.path), [b.pattern for b in wanted])
+    p.near_misses.extend(misses)
+    for match in found:
+        binding = next(b for b in wanted if b.pattern == match.pattern)
+        for n in match.nodes:
+            p.assignments[n] = Assignment(binding.pattern, binding.rule, match.nodes, match)
+
+
+def _check_applies(rule: Rule, kind: str, node: fx.Node, pattern: str) -> None:
+    if kind not in rule.kinds:
+        raise RuleSetError(f"binding {pattern!r} -> {rule} matched node {node.name!r} of kind {kind!r}, but "
+                           f"rule {rule.name!r} applies to {sorted(rule.kinds)}. Hint: bind another rule to "
+                           f"{pattern!r}.")

@@ -1,0 +1,134 @@
+"""Op kinds and patterns: what a rule binding can name.
+
+Type groups follow zennit's ``types.py``: a subclass of ``nn.Conv2d`` is a conv.
+Every canonical fx node gets one *kind*; a single-op pattern names kinds (``conv``),
+or kinds plus a graph condition (``first_layer``: a conv/linear with no conv/linear
+upstream). Whole-block patterns are small dataflow graphs (see :mod:`lrpfx.blocks`).
+"""
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+CONV_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+LINEAR_TYPES: tuple[type, ...] = (nn.Linear,)
+BATCHNORM_TYPES: tuple[type, ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+MAXPOOL_TYPES: tuple[type, ...] = (nn.MaxPool2d,)
+AVGPOOL_TYPES: tuple[type, ...] = (nn.AvgPool2d,)
+ADAPTIVE_AVGPOOL_TYPES: tuple[type, ...] = (nn.AdaptiveAvgPool2d,)
+
+_MODULE_KINDS: tuple[tuple[tuple[type, ...], str], ...] = (
+    (CONV_TYPES, "conv"), (LINEAR_TYPES, "linear"), (BATCHNORM_TYPES, "batchnorm"),
+    (MAXPOOL_TYPES, "maxpool"), (AVGPOOL_TYPES, "avgpool"), (ADAPTIVE_AVGPOOL_TYPES, "adaptive_avgpool"),
+)
+_FUNCTION_KINDS: dict[Callable, str] = {
+    torch.relu: "relu", operator.add: "add", torch.flatten: "reshape", torch.reshape: "reshape",
+    F.adaptive_avg_pool2d: "adaptive_avgpool",
+}
+#: nodes that compute shapes, not tensors: they never carry relevance
+_SHAPE_METHODS = {"size", "dim"}
+_SHAPE_ATTRS = {"shape", "ndim", "dtype", "device"}
+
+
+def op_kind(node: fx.Node, gm: fx.GraphModule) -> str | None:
+    """The kind of a canonical node, ``"shape"`` for shape arithmetic, ``None`` if unknown."""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        return next((kind for types, kind in _MODULE_KINDS if isinstance(m, types)), None)
+    if node.op == "call_function" and node.target in _FUNCTION_KINDS:
+        return _FUNCTION_KINDS[node.target]
+    if _is_shape(node):
+        return "shape"
+    return None
+
+
+def _is_shape(node: fx.Node) -> bool:
+    if node.op == "call_method" and node.target in _SHAPE_METHODS:
+        return True
+    if node.op == "call_function" and node.target is getattr and node.args[1] in _SHAPE_ATTRS:
+        return True
+    tensor_args = [a for a in node.all_input_nodes]
+    return (node.op == "call_function" and bool(tensor_args)
+            and node.target in (operator.getitem, operator.mul, operator.floordiv, operator.add, operator.sub)
+            and all(_is_shape(a) for a in tensor_args))
+
+
+def describe(node: fx.Node, gm: fx.GraphModule) -> str:
+    """A short description of the op: the module type, or the function/method name."""
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)).__name__
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target))
+    return f"{node.op} {node.target}"
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A single-op pattern: a node of one of ``kinds`` that satisfies ``condition``."""
+
+    name: str
+    kinds: frozenset[str]
+    condition: Callable[[fx.Node, dict[fx.Node, str]], bool] | None = None
+    doc: str = ""
+
+    def matches(self, node: fx.Node, kinds: dict[fx.Node, str]) -> bool:
+        """Whether ``node`` (whose kinds are in ``kinds``) is an instance of this pattern."""
+        return kinds.get(node) in self.kinds and (self.condition is None or self.condition(node, kinds))
+
+
+def _no_linear_upstream(node: fx.Node, kinds: dict[fx.Node, str]) -> bool:
+    """True where no conv/linear lies between the model input and ``node``."""
+    seen: set[fx.Node] = set()
+    stack = list(node.all_input_nodes)
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if kinds.get(n) in ("conv", "linear"):
+            return False
+        stack.extend(n.all_input_nodes)
+    return True
+
+
+_PATTERNS: dict[str, Pattern] = {}
+
+
+def register_pattern(pattern: Pattern) -> Pattern:
+    """Register a single-op pattern; a name registered twice is an error."""
+    from lrpfx.errors import RegistryError
+    if pattern.name in _PATTERNS:
+        raise RegistryError(f"a pattern named {pattern.name!r} is already registered. Hint: choose another name.")
+    _PATTERNS[pattern.name] = pattern
+    return pattern
+
+
+def get_pattern(name: str) -> Pattern | None:
+    """The registered single-op pattern ``name``, or None."""
+    return _PATTERNS.get(name)
+
+
+def registered_patterns() -> dict[str, Pattern]:
+    """A copy of the single-op pattern registry."""
+    return dict(_PATTERNS)
+
+
+for _p in (
+    Pattern("first_layer", frozenset({"conv", "linear"}), _no_linear_upstream,
+            "a conv or linear layer with no conv/linear between it and the input"),
+    Pattern("conv", frozenset({"conv"}), doc="Conv1d/2d/3d (after BatchNorm folding)"),
+    Pattern("linear", frozenset({"linear"}), doc="Linear"),
+    Pattern("batchnorm", frozenset({"batchnorm"}), doc="a BatchNorm that could not be folded"),
+    Pattern("relu", frozenset({"relu"}), doc="ReLU in any spelling"),
+    Pattern("maxpool", frozenset({"maxpool"}), doc="MaxPool2d"),
+    Pattern("avgpool", frozenset({"avgpool", "adaptive_avgpool"}), doc="AvgPool2d, AdaptiveAvgPool2d, spatial mean"),
+    Pattern("add", frozenset({"add"}), doc="a sum of two tensors (residual add)"),
+    Pattern("reshape", frozenset({"reshape"}), doc="flatten, view, reshape"),
+):
+    register_pattern(_p)

@@ -1,0 +1,333 @@
+"""LRP rules as frozen dataclasses of hyperparameters.
+
+A rule knows which op kinds it applies to and which kernel computes it; ``apply`` turns a
+description of one op (:class:`Op`, whose tensors are opaque handles: fx nodes when the
+compiler emits a graph, real tensors in a test) into one :class:`Call` per input that
+receives relevance. The math lives in :mod:`lrpfx.kernels`.
+
+``Epsilon(eps=1e-06)`` prints as itself, so a plan and the generated code read as data.
+"""
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+from lrpfx import kernels
+from lrpfx.errors import RegistryError, RuleSetError
+
+#: op kinds of a linear layer (weights and an optional bias)
+LINEAR_KINDS = frozenset({"conv", "linear"})
+
+
+@dataclass
+class Op:
+    """One op of the forward graph, as a rule sees it.
+
+    Attributes:
+        kind: the op kind (``conv``, ``linear``, ``batchnorm``, ``relu``, ``maxpool``,
+            ``avgpool``, ``adaptive_avgpool``, ``add``, ``reshape``).
+        node: the name of the forward node (for messages).
+        inputs: handles of the tensor inputs that take relevance, in order.
+        out: handle of the op's forward output.
+        rel: handle of the relevance of ``out``.
+        params: handles of parameters (``weight``, ``bias``, ``running_var``, ...).
+        attrs: static attributes (stride, padding, kernel_size, ...), literals.
+        nonneg: per input, whether it is proven non-negative at compile time.
+    """
+
+    kind: str
+    node: str
+    inputs: list[Any]
+    out: Any
+    rel: Any
+    params: dict[str, Any] = field(default_factory=dict)
+    attrs: dict[str, Any] = field(default_factory=dict)
+    nonneg: list[bool] = field(default_factory=list)
+
+
+@dataclass
+class Call:
+    """A deferred kernel call; arguments may be handles or other calls."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def evaluate(self) -> Any:
+        """Run the call on real tensors (used by tests and by eager helpers)."""
+        def ev(v: Any) -> Any:
+            return v.evaluate() if isinstance(v, Call) else v
+        return self.fn(*(ev(a) for a in self.args), **self.kwargs)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Base class of every rule. Subclasses set ``name`` and ``kinds``."""
+
+    name: ClassVar[str] = ""
+    kinds: ClassVar[frozenset[str]] = frozenset()
+
+    def apply(self, op: Op) -> tuple[Call, ...]:
+        """One call per entry of ``op.inputs``: the relevance of that input."""
+        raise NotImplementedError
+
+    def __str__(self) -> str:
+        args = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self))
+        return f"{type(self).__name__}({args})"
+
+
+def _geometry(op: Op) -> dict[str, Any]:
+    if op.kind == "linear":
+        return {}
+    return {k: op.attrs[k] for k in ("stride", "padding", "dilation", "groups")}
+
+
+def _bias(op: Op, zero_bias: bool) -> Any:
+    return None if zero_bias else op.params.get("bias")
+
+
+# --------------------------------------------------------------------------- linear-type rules
+@dataclass(frozen=True)
+class Epsilon(Rule):
+    """LRP-epsilon (Bach et al., 2015, PLoS ONE); on pooling and sums it is zennit's Norm rule.
+
+    Args:
+        eps: the stabilizer, added with the sign of z (sign(0) = +1).
+        zero_bias: drop the bias from the denominator (then the rule conserves relevance).
+    """
+
+    name: ClassVar[str] = "epsilon"
+    kinds: ClassVar[frozenset[str]] = frozenset(
+        {"conv", "linear", "batchnorm", "avgpool", "adaptive_avgpool", "add"})
+    eps: float = 1e-6
+    zero_bias: bool = False
+
+    def apply(self, op: Op) -> tuple[Call, ...]:
+        a = op.inputs[0] if op.inputs else None
+        if op.kind in LINEAR_KINDS:
+            z = None if (self.zero_bias and op.params.get("bias") is not None) else op.out
+            return (Call(kernels.epsilon, (a, z, op.rel, op.params["weight"], _bias(op, self.zero_bias)),
+                         {"eps": self.eps, **_geometry(op)}),)
+        if op.kind == "batchnorm":
+            return (Call(kernels.batchnorm_epsilon,
+                         (a, op.out, op.rel, op.params["running_var"], op.params.get("weight")),
+                         {"bn_eps": op.attrs["bn_eps"], "eps": self.eps}),)
+        if op.kind == "avgpool":
+            return (Call(kernels.avgpool, (a, op.out, op.rel),
+                         {"eps": self.eps, **{k: op.attrs[k] for k in
+                                              ("kernel_size", "stride", "padding", "count_include_pad")}}),)
+        if op.kind == "adaptive_avgpool":
+            return (Call(kernels.adaptive_avgpool2d, (a, op.out, op.rel), {"eps": self.eps}),)
+        factor = Call(kernels.add_split, (op.out, op.rel), {"eps": self.eps})
+        return tuple(Call(operator.mul, (h, factor)) for h in op.inputs)
+
+
+@dataclass(frozen=True)
+class Zero(Epsilon):
+    """LRP-0 (Bach et al., 2015): LRP-epsilon with eps = 0. On ReLU networks it equals Input x Gradient."""
+
+    name: ClassVar[str] = "zero"
+    eps: float = 0.0
+
+
+@dataclass(frozen=True)
+class Norm(Epsilon):
+    """zennit's Norm rule for parameter-free linear ops (pooling, sums): LRP-epsilon with a small stabilizer."""
+
+    name: ClassVar[str] = "norm"
+    kinds: ClassVar[frozenset[str]] = frozenset({"avgpool", "adaptive_avgpool", "add"})
+
+
+@dataclass(frozen=True)
+class ZPlus(Rule):
+    """z+ = alpha1-beta0 (Bach et al., 2015; Montavon et al., 2017, Pattern Recognition).
+
+    zennit's ``ZPlus`` semantics: positive contributions ``w+ a+ + w- a-``, ``b+`` in the
+    denominator unless ``zero_bias`` (DTD's z+ proper, which conserves relevance).
+    """
+
+    name: ClassVar[str] = "zplus"
+    kinds: ClassVar[frozenset[str]] = LINEAR_KINDS
+    stabilizer: float = 1e-6
+    zero_bias: bool = False
+
+    def apply(self, op: Op) -> tuple[Call, ...]:
+        return (Call(kernels.zplus, (op.inputs[0], op.rel, op.params["weight"], _bias(op, self.zero_bias)),
+                     {"eps": self.stabilizer, "nonneg": op.nonneg[0], **_geometry(op)}),)
+
+
+@dataclass(frozen=True)
+class AlphaBeta(Rule):
+    """LRP-alpha-beta with alpha - beta = 1 (Bach et al., 2015), zennit's signed-input form."""
+
+    name: ClassVar[str] = "alpha_beta"
+    kinds: ClassVar[frozenset[str]] = LINEAR_KINDS
+    alpha: float = 2.0
+    beta: float = 1.0
+    stabilizer: float = 1e-6
+    zero_bias: bool = False
+
+    def __post_init__(self) -> None:
+        if self.alpha < 0 or self.beta < 0 or abs(self.alpha - self.beta - 1.0) > 1e-12:
+            raise RuleSetError(f"AlphaBeta needs alpha, beta >= 0 and alpha - beta = 1; got alpha={self.alpha}, "
+                               f"beta={self.beta}. Hint: use alpha=2, beta=1 or alpha=1, beta=0.")
+
+    def apply(self, op: Op) -> tuple[Call, ...]:
+        return (Call(kernels.alpha_beta, (op.inputs[0], op.rel, op.params["weight"], _bias(op, self.zero_bias)),
+                     {"alpha": self.alpha, "beta": self.beta, "eps": self.stabilizer,
+                      "nonneg": op.nonneg[0], **_geometry(op)}),)
+
+
+@dataclass(frozen=True)
+class Gamma(Rule):
+    """Generalized LRP-gamma (Montavon et al., 2019, LNCS 11700; Andeol et al., 2021)."""
+
+    name: ClassVar[str] = "gamma"
+    kinds: ClassVar[frozenset[str]] = LINEAR_KINDS
+    gamma: float = 0.25
+    stabilizer: float = 1e-6
+    zero_bias: bool = False
+
+    def apply(self, op: Op) -> tuple[Call, ...]:
+        return (Call(kernels.gamma, (op.inputs[0], op.out, op.rel, op.params["weight"], _bias(op, self.zero_bias)),
+                     {"gamma": self.gamma, "eps": self.stabilizer, "nonneg": op.nonneg[0], **_geometry(op)}),)
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ZBox(Rule):
+    """The z^B rule for the first layer (Montavon et al., 2017).
+
+    ``low``/``high`` are the lowest and highest normalized input values, per channel. They
+    default to the images in [0, 1] after normalization with ``mean``/``std`` (ImageNet's
+    unless given): low = (0 - mean) / std, high = (1 - mean) / std.
+    """
+
+    name: ClassVar[str] = "zbox"
+    kinds: ClassVar[frozenset[str]] = LINEAR_KINDS
+    low: tuple[float, ...] | float | None = None
+    high: tuple[float, ...] | float | None = None
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    stabilizer: float = 1e-6
+
+    def bounds(self) -> tuple[Any, Any]:
+        """(low, high), derived from mean/std where not given."""
+        low = self.low if self.low is not None else tuple((0 - m) / s for m, s in zip(self.mean, self.std))
+        high = self.high if self.high is not None else tuple((1 - m) / s for m, s in zip(self.mean, self.std))
+        return (tuple(low) if isinstance(low, Sequence) else low), (tuple(high) if isinstance(high, Sequence) else high)
+
+    def apply(self, op: Op) -> tuple[Call, ...]:
+        low, high = self.bounds()
+        return (Call(kernels.zbox, (op.inputs[0], op.rel, op.params["weight"]),
+                     {"low": low, "high": high, "eps": self.stabilizer, **_geometry(op)}),)
+
+
+@dataclass(frozen=True)
+class Flat(Rule):
+    """The flat rule (Lapuschkin et al., 2019, Nature Communications): uniform over the receptive field."""
+
+    name: ClassVar[str] = "flat"
+    kinds: ClassVar[frozenset[str]] = LINEAR_KINDS
+    stabilizer: float = 1e-6
+
+    def apply(self, op: Op) -> tuple[Call, ...]:
+        return (Call(kernels.flat, (op.inputs[0], op.rel, op.params["weight"]),
+                     {"eps": self.stabilizer, **_geometry(op)}),)
+
+
+@dataclass(frozen=True)
+class WSquare(Rule):
+    """The w^2 rule (Montavon et al., 2017), for unbounded first-layer inputs."""
+
+    name: ClassVar[str] = "wsquare"
+    kinds: ClassVar[frozenset[str]] = LINEAR_KINDS
+    stabilizer: float = 1e-6
+    zero_bias: bool = False
+
+    def apply(self, op: Op) -> tuple[Call, ...]:
+        return (Call(kernels.wsquare, (op.inputs[0], op.rel, op.params["weight"], _bias(op, self.zero_bias)),
+                     {"eps": self.stabilizer, **_geometry(op)}),)
+
+
+# --------------------------------------------------------------------------- parameter-free ops
+@dataclass(frozen=True)
+class Pass(Rule):
+    """Pass relevance through unchanged: activations (ReLU), reshapes, and BatchNorm as in zennit."""
+
+    name: ClassVar[str] = "pass"
+    kinds: ClassVar[frozenset[str]] = frozenset({"relu", "reshape", "batchnorm"})
+
+    def apply(self, op: Op) -> tuple[Call, ...]:
+        return (Call(kernels.reshape_as, (op.rel, op.inputs[0])),)
+
+
+@dataclass(frozen=True)
+class WinnerTakesAll(Rule):
+    """Max pooling: all relevance of a window goes to its maximum (the gradient; zennit's default)."""
+
+    name: ClassVar[str] = "wta"
+    kinds: ClassVar[frozenset[str]] = frozenset({"maxpool"})
+
+    def apply(self, op: Op) -> tuple[Call, ...]:
+        return (Call(kernels.maxpool_wta, (op.inputs[0], op.rel),
+                     {k: op.attrs[k] for k in ("kernel_size", "stride", "padding", "dilation", "ceil_mode")}),)
+
+
+@dataclass(frozen=True)
+class AvgMatched(Rule):
+    """Max pooling treated as average pooling with the max-pool's own window (METHOD_SPEC §1.3, [DER]).
+
+    R_j = sum_k a_j / sum_{j' in win(k)} a_j' * R_k; ``count_include_pad`` cancels.
+    """
+
+    name: ClassVar[str] = "avg_matched"
+    kinds: ClassVar[frozenset[str]] = frozenset({"maxpool"})
+    stabilizer: float = 1e-6
+
+    def apply(self, op: Op) -> tuple[Call, ...]:
+        if op.attrs["dilation"] != (1, 1) or op.attrs["ceil_mode"]:
+            raise RuleSetError(f"node {op.node}: avg_matched needs a max-pool without dilation and ceil_mode. "
+                               "Hint: bind 'wta' to this max-pool instead.")
+        a = op.inputs[0]
+        attrs = {k: op.attrs[k] for k in ("kernel_size", "stride", "padding")}
+        z = Call(kernels.avg_pool, (a,), attrs)
+        return (Call(kernels.avgpool, (a, z, op.rel), {"eps": self.stabilizer, "count_include_pad": True, **attrs}),)
+
+
+# --------------------------------------------------------------------------- registry
+_REGISTRY: dict[str, type[Rule]] = {}
+
+
+def register_rule(cls: type[Rule]) -> type[Rule]:
+    """Register a rule class under its ``name``; a name registered twice is an error."""
+    if not cls.name:
+        raise RegistryError(f"{cls.__name__} has no `name`. Hint: set `name: ClassVar[str] = '...'`.")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise RegistryError(f"a rule named {cls.name!r} is already registered ({_REGISTRY[cls.name].__name__}). "
+                            "Hint: choose another name.")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def rule_class(name: str) -> type[Rule]:
+    """The rule class registered under ``name``."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise RuleSetError(f"unknown rule {name!r}. Known rules: {', '.join(sorted(_REGISTRY))}. "
+                           "Hint: register your own with lrpfx.register_rule.") from None
+
+
+def registered_rules() -> dict[str, type[Rule]]:
+    """A copy of the registry: name -> rule class."""
+    return dict(_REGISTRY)
+
+
+for _cls in (Epsilon, Zero, Norm, ZPlus, AlphaBeta, Gamma, ZBox, Flat, WSquare, Pass, WinnerTakesAll, AvgMatched):
+    register_rule(_cls)
