@@ -30,6 +30,7 @@ class Emitter:
         self.graph = fx.Graph()
         self.env: dict[fx.Node, fx.Node] = {}
         self.shares: dict[fx.Node, list[tuple[str, fx.Node]]] = {}
+        self._made: dict[int, fx.Node] = {}  # Call objects shared within one rule application
         pathset = set(plan.path)
         self.rel_inputs = {n: relevance_inputs(n, plan.kinds.get(n), pathset) for n in plan.path}
         self.nonneg = self._nonneg()
@@ -84,6 +85,7 @@ class Emitter:
             op = self._op(n, rel)
             inputs = self.rel_inputs[n]
         calls = a.rule.apply(op)
+        self._made.clear()
         meta = {"pattern": a.pattern, "rule": str(a.rule), "source": n.name}
         for i, call in zip(inputs, calls):
             name = f"rel_{i.name}" if self.n_rel_users[i] == 1 else f"rel_{i.name}_from_{n.name}"
@@ -107,7 +109,11 @@ class Emitter:
         return node
 
     def _materialize(self, v: Any, meta: dict[str, str]) -> Any:
-        return self._node(v, None, meta) if isinstance(v, Call) else v
+        if not isinstance(v, Call):
+            return v
+        if id(v) not in self._made:
+            self._made[id(v)] = self._node(v, None, meta)
+        return self._made[id(v)]
 
     # ------------------------------------------------------------------ op descriptions
     def _inputs_of(self, n: fx.Node) -> list[fx.Node]:
@@ -147,6 +153,10 @@ class Emitter:
         elif op.kind == "batchnorm":
             op.params = {"running_var": self.param(n, "running_var"), "weight": self.param(n, "weight")}
             op.attrs["bn_eps"] = float(m.eps)
+        elif op.kind not in ("maxpool", "avgpool", "adaptive_avgpool"):  # a user's op: hand over the module
+            op.attrs["module"] = m
+            names = [k for k, _ in m.named_parameters(recurse=False)] + [k for k, _ in m.named_buffers(recurse=False)]
+            op.params = {k: self.param(n, k) for k in names}
         elif op.kind in ("maxpool", "avgpool"):
             for k in ("kernel_size", "stride", "padding", "dilation"):
                 if hasattr(m, k):
@@ -220,6 +230,10 @@ def emit(plan: Plan, postprocess: list[tuple[Any, dict[str, Any]]] | None = None
         outputs.extend(e.graph.call_function(operator.getitem, (res, i)) for i in range(2))
     e.graph.output(tuple(outputs))
     gm = fx.GraphModule(plan.gm, e.graph, class_name="RelevanceNetwork")
+    # drop get_attr nodes a rule did not use (e.g. the bias under z+ on the flat first layer)
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or n.target is kernels.check_input)
+    gm.delete_all_unused_submodules()
+    gm.recompile()
     for p in gm.parameters():
         p.requires_grad_(False)  # the explainer is a pure function of its input: no autograd state
     return gm

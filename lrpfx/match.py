@@ -125,8 +125,11 @@ def plan(gm: fx.GraphModule, ruleset: RuleSet) -> Plan:
             continue
         for b in ruleset.bindings:
             pattern = get_pattern(b.pattern)
-            if pattern is not None and pattern.matches(node, kinds):
-                _check_applies(b.rule, kinds[node], node, b.pattern)
+            if pattern is not None and pattern.matches(node, kinds, gm):
+                kind = pattern.kind_of(node, kinds, gm)
+                assert kind is not None
+                _check_applies(b.rule, kind, node, b.pattern)
+                kinds[node] = kind
                 p.assignments[node] = Assignment(b.pattern, b.rule, (node,))
                 break
         else:

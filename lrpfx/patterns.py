@@ -70,16 +70,36 @@ def describe(node: fx.Node, gm: fx.GraphModule) -> str:
 
 @dataclass(frozen=True)
 class Pattern:
-    """A single-op pattern: a node of one of ``kinds`` that satisfies ``condition``."""
+    """A single-op pattern: a node of one of ``kinds`` that satisfies ``condition``.
+
+    For a user's own op, give ``module_types`` (a call of a module of these types, e.g. a
+    leaf module) or ``functions`` (a call of one of these functions); the op's kind is
+    then the pattern's name, and a rule for it lists that name in its ``kinds``.
+    """
 
     name: str
-    kinds: frozenset[str]
+    kinds: frozenset[str] = frozenset()
     condition: Callable[[fx.Node, dict[fx.Node, str]], bool] | None = None
     doc: str = ""
+    module_types: tuple[type, ...] = ()
+    functions: tuple[Callable, ...] = ()
 
-    def matches(self, node: fx.Node, kinds: dict[fx.Node, str]) -> bool:
+    def matches(self, node: fx.Node, kinds: dict[fx.Node, str], gm: fx.GraphModule | None = None) -> bool:
         """Whether ``node`` (whose kinds are in ``kinds``) is an instance of this pattern."""
-        return kinds.get(node) in self.kinds and (self.condition is None or self.condition(node, kinds))
+        if self.kind_of(node, kinds, gm) is None:
+            return False
+        return self.condition is None or self.condition(node, kinds)
+
+    def kind_of(self, node: fx.Node, kinds: dict[fx.Node, str], gm: fx.GraphModule | None) -> str | None:
+        """The kind the matched node has for its rule, or None if the pattern does not apply."""
+        if kinds.get(node) in self.kinds:
+            return kinds[node]
+        if self.module_types and node.op == "call_module" and gm is not None \
+                and isinstance(gm.get_submodule(node.target), self.module_types):
+            return self.name
+        if self.functions and node.op == "call_function" and node.target in self.functions:
+            return self.name
+        return None
 
 
 def _no_linear_upstream(node: fx.Node, kinds: dict[fx.Node, str]) -> bool:

@@ -1,0 +1,53 @@
+"""Shared helpers: models with randomized BatchNorm statistics and the autograd oracle."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torchvision
+
+torch.set_num_threads(int(os.environ.get("LRPFX_TEST_THREADS", "2")))
+
+
+def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every BatchNorm non-trivial running statistics and affine parameters (no weights here)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
+    return model
+
+
+def tv_model(name: str, num_classes: int = 10, dtype: torch.dtype = torch.float64, seed: int = 0) -> torch.nn.Module:
+    """A torchvision model without weights, seeded, BN randomized, eval mode."""
+    torch.manual_seed(seed)
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    return randomize_batchnorm(model, seed).eval().to(dtype)
+
+
+def input_x_gradient(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, top: str = "logit") -> torch.Tensor:
+    """The oracle: x * d f_c / dx by autograd (scaled by p_c / f_c for a softmax top)."""
+    xg = x.clone().requires_grad_(True)
+    logits = model(xg)
+    f = logits.gather(1, target[:, None]).squeeze(1)
+    grad, = torch.autograd.grad(f.sum(), xg)
+    out = xg.detach() * grad
+    if top == "softmax":
+        p = logits.softmax(1).gather(1, target[:, None]).squeeze(1)
+        out = out * (p / f).detach().view(-1, *([1] * (x.dim() - 1)))
+    return out
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative L2 error of a against b."""
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture
+def resnet18_f64() -> torch.nn.Module:
+    return tv_model("resnet18")

@@ -1,0 +1,220 @@
+"""Each rule against its slow float64 matrix form (as zennit's tests/unit/test_rules.py does).
+
+A conv is a linear map; its dense matrix M (out x in) is built by applying it to basis
+vectors, and every rule is then written with explicit contributions z_jk = a_j M_kj.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lrpfx import rules
+from lrpfx.rules import Op
+
+torch.manual_seed(0)
+EPS = 1e-6
+
+
+def stab(z: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    return z + eps * torch.where(z >= 0, 1.0, -1.0).to(z)
+
+
+def dense(fn, in_shape) -> torch.Tensor:
+    """The (out, in) matrix of the linear map fn (without bias), built from basis vectors."""
+    n = int(torch.tensor(in_shape).prod())
+    basis = torch.eye(n, dtype=torch.float64).view(n, *in_shape)
+    return fn(basis).reshape(n, -1).t()
+
+
+def reference(rule: str, a: torch.Tensor, m: torch.Tensor, b: torch.Tensor, r: torch.Tensor, **kw) -> torch.Tensor:
+    """R_j for one sample: a (in,), m (out, in), b (out,), r (out,)."""
+    ap, an, mp, mn = a.clamp(min=0), a.clamp(max=0), m.clamp(min=0), m.clamp(max=0)
+    if rule == "epsilon":
+        z = m * a  # z_kj
+        return (z / stab(z.sum(1) + b)[:, None] * r[:, None]).sum(0)
+    if rule == "zplus":
+        zp = mp * ap + mn * an
+        return (zp / stab(zp.sum(1) + b.clamp(min=0))[:, None] * r[:, None]).sum(0)
+    if rule == "alpha_beta":
+        al, be = kw["alpha"], kw["beta"]
+        zp, zn = mp * ap + mn * an, mn * ap + mp * an
+        return (al * zp / stab(zp.sum(1) + b.clamp(min=0))[:, None] * r[:, None]
+                - be * zn / stab(zn.sum(1) + b.clamp(max=0))[:, None] * r[:, None]).sum(0)
+    if rule == "gamma":
+        g = kw["gamma"]
+        z = (m * a).sum(1) + b
+        up = (m + g * mp) * ap + (m + g * mn) * an
+        dn = (m + g * mn) * ap + (m + g * mp) * an
+        rp = torch.where(z > 0, r, 0) / stab(up.sum(1) + b + g * b.clamp(min=0))
+        rn = torch.where(z < 0, r, 0) / stab(dn.sum(1) + b + g * b.clamp(max=0))
+        return (up * rp[:, None] + dn * rn[:, None]).sum(0)
+    if rule == "zbox":
+        lo, hi = kw["lo"], kw["hi"]
+        z = m * a - mp * lo - mn * hi
+        return (z / stab(z.sum(1))[:, None] * r[:, None]).sum(0)
+    if rule == "flat":
+        z = (m != 0).to(m)  # structural ones: the receptive field
+        return (z / stab(z.sum(1))[:, None] * r[:, None]).sum(0)
+    if rule == "wsquare":
+        z = m * m
+        return (z / stab(z.sum(1) + b * b)[:, None] * r[:, None]).sum(0)
+    raise AssertionError(rule)
+
+
+RULES = {
+    "epsilon": rules.Epsilon(eps=EPS), "zplus": rules.ZPlus(stabilizer=EPS),
+    "alpha_beta": rules.AlphaBeta(alpha=2.0, beta=1.0, stabilizer=EPS), "gamma": rules.Gamma(gamma=0.25, stabilizer=EPS),
+    "flat": rules.Flat(stabilizer=EPS), "wsquare": rules.WSquare(stabilizer=EPS),
+}
+CONVS = [dict(stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1),
+         dict(stride=(2, 2), padding=(1, 1), dilation=(1, 1), groups=1),
+         dict(stride=(2, 1), padding=(2, 1), dilation=(2, 1), groups=1),
+         dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=2)]
+
+
+def _apply(rule: rules.Rule, kind: str, a, z, r, w, b, geo, nonneg=False) -> torch.Tensor:
+    op = Op(kind=kind, node="n", inputs=[a], out=z, rel=r, params={"weight": w, "bias": b}, attrs=geo, nonneg=[nonneg])
+    return rule.apply(op)[0].evaluate()
+
+
+@pytest.mark.parametrize("name", list(RULES))
+@pytest.mark.parametrize("geo", CONVS, ids=["plain", "stride2pad1", "dilated", "groups2"])
+def test_conv_rules_match_matrix_form(name: str, geo: dict) -> None:
+    cin, cout, k = 4, 6, 3
+    # even input sizes with stride 2 exercise the transposed conv's output_padding
+    a = torch.randn(2, cin, 8, 7, dtype=torch.float64)
+    w = torch.randn(cout, cin // geo["groups"], k, k, dtype=torch.float64)
+    b = torch.randn(cout, dtype=torch.float64) * 0.1
+    conv = lambda t, w=w: F.conv2d(t, w, None, **geo)  # noqa: E731
+    z = conv(a) + b.view(1, -1, 1, 1)
+    r = torch.randn_like(z)
+    ours = _apply(RULES[name], "conv", a, z, r, w, b, geo)
+    m = dense(lambda t: conv(t), a.shape[1:])
+    if name == "flat":
+        m = dense(lambda t: F.conv2d(t, torch.ones_like(w), None, **geo), a.shape[1:])
+    for i in range(2):
+        expected = reference(name, a[i].flatten(), m, b.repeat_interleave(z.shape[2] * z.shape[3]), r[i].flatten(),
+                             alpha=2.0, beta=1.0, gamma=0.25)
+        assert torch.allclose(ours[i].flatten(), expected, rtol=1e-9, atol=1e-12), name
+
+
+@pytest.mark.parametrize("name", list(RULES))
+def test_linear_rules_match_matrix_form(name: str) -> None:
+    a, w, b = torch.randn(3, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    z = F.linear(a, w, b)
+    r = torch.randn_like(z)
+    ours = _apply(RULES[name], "linear", a, z, r, w, b, {})
+    m = torch.ones_like(w) if name == "flat" else w
+    for i in range(3):
+        expected = reference(name, a[i], m, b, r[i], alpha=2.0, beta=1.0, gamma=0.25)
+        assert torch.allclose(ours[i], expected, rtol=1e-9, atol=1e-12), name
+
+
+@pytest.mark.parametrize("name", ["zplus", "alpha_beta", "gamma"])
+def test_nonneg_shortcut_equals_general_form(name: str) -> None:
+    a = torch.rand(2, 4, 6, 6, dtype=torch.float64)
+    w = torch.randn(5, 4, 3, 3, dtype=torch.float64)
+    b = torch.randn(5, dtype=torch.float64)
+    geo = CONVS[1]
+    z = F.conv2d(a, w, b, **geo)
+    r = torch.randn_like(z)
+    general = _apply(RULES[name], "conv", a, z, r, w, b, geo, nonneg=False)
+    short = _apply(RULES[name], "conv", a, z, r, w, b, geo, nonneg=True)
+    assert torch.allclose(general, short, rtol=1e-12, atol=1e-14)
+
+
+def test_zbox_matches_matrix_form_with_zero_padded_bounds() -> None:
+    geo = CONVS[1]
+    a = torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    low, high = (-2.0, -1.5, -1.0), (2.0, 2.5, 3.0)
+    z = F.conv2d(a, w, None, **geo)
+    r = torch.randn_like(z)
+    ours = _apply(rules.ZBox(low=low, high=high, stabilizer=EPS), "conv", a, z, r, w, None, geo)
+    lo = torch.tensor(low, dtype=torch.float64).view(3, 1, 1).expand(3, 6, 6).flatten()
+    hi = torch.tensor(high, dtype=torch.float64).view(3, 1, 1).expand(3, 6, 6).flatten()
+    m = dense(lambda t: F.conv2d(t, w, None, **geo), a.shape[1:])
+    expected = reference("zbox", a[0].flatten(), m, torch.zeros(m.shape[0], dtype=torch.float64), r[0].flatten(),
+                         lo=lo, hi=hi)
+    assert torch.allclose(ours[0].flatten(), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_zbox_with_zero_bounds_is_bias_free_lrp0() -> None:  # METHOD_SPEC §7.9
+    a, w = torch.randn(2, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    z = F.linear(a, w)
+    r = torch.randn_like(z)
+    box = _apply(rules.ZBox(low=0.0, high=0.0, stabilizer=0.0), "linear", a, z, r, w, None, {})
+    zero = _apply(rules.Zero(), "linear", a, z, r, w, None, {})
+    assert torch.allclose(box, zero, rtol=1e-12)
+
+
+def test_single_linear_layer_lrp0_is_a_times_w() -> None:  # METHOD_SPEC §7.7
+    a, w = torch.randn(4, 6, dtype=torch.float64), torch.randn(1, 6, dtype=torch.float64)
+    z = F.linear(a, w)
+    ours = _apply(rules.Zero(), "linear", a, z, z, w, None, {})
+    assert torch.allclose(ours, a * w, rtol=1e-12)
+
+
+def test_input_independent_rules_ignore_the_input() -> None:  # METHOD_SPEC §7.8
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    geo = CONVS[1]
+    r = torch.randn(1, 4, 4, 4, dtype=torch.float64)
+    for rule in (rules.Flat(), rules.WSquare()):
+        outs = [_apply(rule, "conv", torch.randn(1, 3, 8, 8, dtype=torch.float64), None, r, w, None, geo) for _ in range(2)]
+        assert torch.equal(outs[0], outs[1])
+
+
+def test_epsilon_tends_to_lrp0_and_gamma_to_zplus() -> None:  # METHOD_SPEC §7.6
+    a = torch.rand(2, 6, dtype=torch.float64)
+    w, b = torch.randn(3, 6, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    z = F.linear(a, w)
+    r = torch.rand_like(z)
+    zero = _apply(rules.Zero(), "linear", a, z, r, w, b, {})
+    small = _apply(rules.Epsilon(eps=1e-12), "linear", a, z, r, w, b, {})
+    assert torch.allclose(zero, small, rtol=1e-8)
+    zp = _apply(rules.ZPlus(stabilizer=0.0), "linear", a, z, r, w, None, {})
+    zp = zp / zp.sum(1, keepdim=True)
+    gm = _apply(rules.Gamma(gamma=1e9, stabilizer=0.0), "linear", a, z, r, w, None, {}, nonneg=True)
+    gm = gm / gm.sum(1, keepdim=True)
+    mask = (z > 0).all(1)  # only outputs with z > 0 take the gamma-up path for every unit
+    assert torch.allclose(zp[mask], gm[mask], atol=1e-6)
+
+
+def test_avgpool_rule_and_count_include_pad() -> None:  # METHOD_SPEC §7.10
+    a = torch.rand(1, 2, 5, 5, dtype=torch.float64)
+    for cip in (True, False):
+        z = F.avg_pool2d(a, 3, 2, 1, count_include_pad=cip)
+        r = torch.rand_like(z)
+        op = Op("avgpool", "p", [a], z, r, attrs=dict(kernel_size=(3, 3), stride=(2, 2), padding=(1, 1),
+                                                        count_include_pad=cip))
+        ours = rules.Zero().apply(op)[0].evaluate()
+        # R_j = sum_k a_j / sum_{win(k)} a * R_k, independent of count_include_pad
+        win = dense(lambda t: F.avg_pool2d(t, 3, 2, 1, count_include_pad=False) > -1, a.shape[1:])
+        windows = dense(lambda t: F.avg_pool2d(t, 3, 2, 1, count_include_pad=True) * 9, a.shape[1:])
+        zz = windows * a[0].flatten()
+        expected = (zz / zz.sum(1, keepdim=True) * r[0].flatten()[:, None]).sum(0)
+        assert torch.allclose(ours.flatten(), expected, rtol=1e-9), win.shape
+
+
+def test_maxpool_wta_supported_only_on_argmax() -> None:  # METHOD_SPEC §7.10
+    a = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    out, idx = F.max_pool2d(a, 3, 2, 1, return_indices=True)
+    r = torch.rand_like(out)
+    op = Op("maxpool", "p", [a], out, r, attrs=dict(kernel_size=(3, 3), stride=(2, 2), padding=(1, 1),
+                                                     dilation=(1, 1), ceil_mode=False))
+    ours = rules.WinnerTakesAll().apply(op)[0].evaluate()
+    support = torch.zeros_like(a).flatten(2).scatter(2, idx.flatten(2), 1.0).view_as(a)
+    assert (ours[support == 0] == 0).all()
+    assert torch.allclose(ours.sum(), r.sum())
+
+
+def test_adaptive_avgpool_non_divisible_matches_matrix_form() -> None:
+    a = torch.rand(1, 2, 5, 7, dtype=torch.float64)
+    z = F.adaptive_avg_pool2d(a, (3, 4))
+    r = torch.rand_like(z)
+    ours = rules.Zero().apply(Op("adaptive_avgpool", "p", [a], z, r))[0].evaluate()
+    m = dense(lambda t: F.adaptive_avg_pool2d(t, (3, 4)), a.shape[1:])
+    zz = m * a[0].flatten()
+    expected = (zz / zz.sum(1, keepdim=True) * r[0].flatten()[:, None]).sum(0)
+    assert torch.allclose(ours.flatten(), expected, rtol=1e-9)
