@@ -41,6 +41,39 @@ def _replace(gm: fx.GraphModule, node: fx.Node, target: Callable, args: tuple, k
     new.name = node.name  # fx frees the name on erase; keep the trace's names readable
 
 
+def _attr(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
+    return gm.get_parameter(node.target) if isinstance(node, fx.Node) and node.op == "get_attr" else None
+
+
+def functional_layers_to_modules(gm: fx.GraphModule) -> None:
+    """``F.linear(x, w, b)`` / ``F.conv2d(x, w, b, ...)`` on parameters -> a Linear/Conv2d module call.
+
+    The new module shares the parameters, so folding and rule binding see one kind of layer.
+    """
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in (F.linear, F.conv2d, torch.conv2d):
+            continue
+        args = list(node.args) + [None] * (7 - len(node.args))
+        names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
+        bound = {k: node.kwargs.get(k, v) for k, v in zip(names, args)}
+        weight, bias = _attr(gm, bound["weight"]), _attr(gm, bound["bias"])
+        if weight is None or (bound["bias"] is not None and bias is None):
+            continue  # computed weights: not a layer
+        if node.target is F.linear:
+            layer: nn.Module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        else:
+            geo = {k: bound[k] for k in ("stride", "padding", "dilation") if bound[k] is not None}
+            layer = nn.Conv2d(weight.shape[1] * (bound["groups"] or 1), weight.shape[0], tuple(weight.shape[2:]),
+                              groups=bound["groups"] or 1, bias=bias is not None, **geo)
+        layer.weight, layer.bias = weight, bias
+        name = f"{node.name}_layer"
+        gm.add_submodule(name, layer)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(name, (bound["input"],))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+
+
 def drop_dropout_identity(gm: fx.GraphModule) -> None:
     """Remove Dropout and Identity (modules and functions): identities in eval mode."""
     for node in list(gm.graph.nodes):
@@ -152,7 +185,7 @@ def fold(layer: nn.Module, bn: nn.Module) -> nn.Module:
 
 
 PASSES: tuple[Callable[[fx.GraphModule], None], ...] = (
-    drop_dropout_identity, unify_relu, unify_add, unify_reshape, spatial_mean_to_pool, fold_batchnorm,
+    functional_layers_to_modules, drop_dropout_identity, unify_relu, unify_add, unify_reshape, spatial_mean_to_pool, fold_batchnorm,
 )
 
 

@@ -123,7 +123,10 @@ def _binding(entry: Any, index: int, source: str) -> Binding:
     from lrpfx.match import known_pattern  # late: match imports this module
     if not known_pattern(str(entry["pattern"])):
         raise RuleSetError(f"{where}: unknown pattern {entry['pattern']!r}. Hint: see lrpfx.registered_patterns().")
-    cls = rule_class(str(entry["rule"]))
+    try:
+        cls = rule_class(str(entry["rule"]))
+    except RuleSetError as e:
+        raise RuleSetError(f"{where}: {e}") from None
     try:
         rule = cls(**params)
     except TypeError as e:

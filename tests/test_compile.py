@@ -1,0 +1,306 @@
+"""compile() as a user meets it: the zoo, conservation, the untouched model, errors, the plan, the code."""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import lrpfx
+from conftest import input_x_gradient, randomize_batchnorm, rel_err, tv_model
+from lrpfx.kernels import reshape_as
+from lrpfx.rules import Call, Op, Rule
+
+ZOO = sorted(n for n in torchvision.models.list_models(module=torchvision.models)
+             if n.startswith(("resnet", "resnext", "wide_resnet"))) + ["vgg11", "vgg11_bn", "vgg16", "vgg16_bn"]
+
+
+@pytest.mark.parametrize("arch", ZOO)
+def test_zoo_compiles_under_every_builtin_ruleset(arch: str) -> None:
+    model = tv_model(arch, dtype=torch.float32)
+    x = torch.randn(1, 3, 32, 32)
+    for name in lrpfx.builtin_rulesets():
+        plan = lrpfx.inspect(model, name)
+        assert not plan.unmatched, (name, plan.unmatched)
+        relevance, logits = lrpfx.compile(model, rules=name)(x)
+        assert relevance.shape == x.shape and torch.isfinite(relevance).all(), name
+
+
+def _bias_free() -> lrpfx.RuleSet:
+    return lrpfx.RuleSet.from_toml("""
+name = "bias_free"
+bind = [
+  { pattern = "first_layer", rule = "flat", stabilizer = 1e-9 },
+  { pattern = "conv", rule = "zplus", stabilizer = 1e-9, zero_bias = true },
+  { pattern = "linear", rule = "epsilon", eps = 1e-9, zero_bias = true },
+  { pattern = "avgpool", rule = "norm", eps = 1e-9 },
+  { pattern = "add", rule = "norm", eps = 1e-9 },
+  { pattern = "maxpool", rule = "wta" },
+  { pattern = "relu", rule = "pass" },
+  { pattern = "reshape", rule = "pass" },
+]""")
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_bias_free_rules_conserve_relevance(arch: str) -> None:  # METHOD_SPEC §7.3
+    model = tv_model(arch)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    relevance, logits = lrpfx.compile(model, rules=_bias_free())(x, torch.tensor([0, 1]))
+    top = logits[torch.arange(2), torch.tensor([0, 1])]
+    assert torch.allclose(relevance.sum((1, 2, 3)), top, rtol=1e-6)
+
+
+def test_model_is_never_modified(resnet18_f64: nn.Module) -> None:
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    before = {k: v.clone() for k, v in resnet18_f64.state_dict().items()}
+    out_before = resnet18_f64(x)
+    for name in lrpfx.builtin_rulesets():
+        lrpfx.compile(resnet18_f64, rules=name)(x)
+    after = resnet18_f64.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(out_before, resnet18_f64(x))
+    assert not resnet18_f64.training
+
+
+def test_generated_forward_has_no_autograd_and_no_hooks(resnet18_f64: nn.Module) -> None:
+    explainer = lrpfx.compile(resnet18_f64, rules="epsilon_plus_flat")
+    assert isinstance(explainer, torch.fx.GraphModule)
+    assert "grad" not in explainer.code and "backward" not in explainer.code
+    assert not any(m._forward_hooks or m._backward_hooks for m in explainer.modules())
+    assert not any(p.requires_grad for p in explainer.parameters())
+    provenance = [n.meta["lrpfx"] for n in explainer.graph.nodes if n.name.startswith("rel_")]
+    assert provenance and all("rule" in m for m in provenance)
+
+
+SNAPSHOT = Path(__file__).parent / "snapshots" / "resnet18_epsilon_plus_flat.py.txt"
+
+
+def test_code_snapshot_resnet18() -> None:
+    """The generated code is documentation: changes to it must be deliberate.
+
+    Regenerate with LRPFX_UPDATE_SNAPSHOTS=1 after a deliberate change, and read the diff.
+    """
+    code = lrpfx.compile(torchvision.models.resnet18(weights=None).eval(), rules="epsilon_plus_flat").code
+    if os.environ.get("LRPFX_UPDATE_SNAPSHOTS") or not SNAPSHOT.exists():
+        SNAPSHOT.write_text(code)
+    assert code == SNAPSHOT.read_text()
+
+
+def test_plan_table_lists_every_node_and_rule(resnet18_f64: nn.Module) -> None:
+    plan = lrpfx.inspect(resnet18_f64, "epsilon_plus_flat")
+    text = str(plan)
+    assert "conv1" in text and "Flat(stabilizer=1e-06)" in text
+    assert "layer1_0_conv1" in text and "ZPlus(stabilizer=1e-06, zero_bias=False)" in text
+    assert "fc" in text and "Epsilon(eps=1e-06, zero_bias=False)" in text
+    rows = {r[0]: r for r in plan.rows()}
+    assert rows["conv1"][2] == "first_layer" and rows["add"][2] == "add"
+
+
+# ----------------------------------------------------------------- spellings a user writes
+class Handwritten(nn.Module):
+    """A residual net with functional relu, torch.add, +=, x.view, x.mean and dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.norm = nn.BatchNorm2d(8)
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.norm(self.stem(x)), inplace=True)
+        y = self.a(x).relu()
+        y = self.b(y)
+        y += x
+        x = torch.relu_(y)
+        z = torch.add(x, F.max_pool2d(x, 3, 1, 1)) if False else torch.add(x, self.a(x))
+        z = z.mean((2, 3))
+        return self.head(self.drop(z.view(z.size(0), -1)))
+
+
+def test_handwritten_spellings_canonicalize_and_match_ixg() -> None:
+    torch.manual_seed(0)
+    model = randomize_batchnorm(Handwritten()).eval().double()
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    plan = lrpfx.inspect(model, "lrp0")
+    assert not plan.unmatched
+    kinds = sorted(set(plan.kinds.values()))
+    assert {"add", "relu", "reshape", "adaptive_avgpool", "conv", "linear"} <= set(kinds)
+    assert "batchnorm" not in kinds  # folded into the stem
+    target = torch.tensor([0, 2, 4])
+    relevance, _ = lrpfx.compile(model, rules="lrp0")(x, target)
+    assert rel_err(relevance, input_x_gradient(model, x, target)) < 1e-6
+
+
+# ----------------------------------------------------------------- a user's own op and rule
+class ChannelScale(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.rand(c) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale.view(1, -1, 1, 1)
+
+
+class ScaleRule(Rule):
+    name = "test_channel_scale"
+    kinds = frozenset({"channel_scale"})
+
+    def apply(self, op: Op) -> tuple[Call, ...]:
+        assert isinstance(op.attrs["module"], ChannelScale)
+        return (Call(reshape_as, (op.rel, op.inputs[0])),)  # a positive per-channel scale: R_x = R_y
+
+
+def test_user_registers_pattern_and_rule_for_own_layer() -> None:
+    from dataclasses import dataclass
+    rule_cls = dataclass(frozen=True)(ScaleRule)
+    if "test_channel_scale" not in lrpfx.registered_rules():
+        lrpfx.register_rule(rule_cls)
+        lrpfx.register_pattern(lrpfx.Pattern("channel_scale", module_types=(ChannelScale,)))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), ChannelScale(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    model = model.eval().double()
+    # traced into, its multiplication has no rule; as a leaf module it is one node without a binding
+    with pytest.raises(lrpfx.UnmatchedNodeError, match=r"unsupported op\(s\): mul"):
+        lrpfx.compile(model, rules="lrp0")
+    with pytest.raises(lrpfx.UnmatchedNodeError, match=r"unsupported op\(s\): ChannelScale"):
+        lrpfx.compile(model, rules="lrp0", leaf_modules=[ChannelScale])
+    explainer = lrpfx.compile(model, rules="lrp0", leaf_modules=[ChannelScale],
+                              bindings={"channel_scale": lrpfx.rules.rule_class("test_channel_scale")()})
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    relevance, _ = explainer(x, torch.tensor([0, 1]))
+    # a positive scale after a ReLU keeps LRP-0 == Input x Gradient
+    assert rel_err(relevance, input_x_gradient(model, x, torch.tensor([0, 1]))) < 1e-6
+    with pytest.raises(lrpfx.RegistryError, match="already registered"):
+        lrpfx.register_pattern(lrpfx.Pattern("channel_scale", module_types=(ChannelScale,)))
+
+
+# ----------------------------------------------------------------- errors, each message matched
+class Branchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            return self.fc(x)
+        return -self.fc(x)
+
+
+def test_untraceable_model_raises_trace_error_with_leaf_hint() -> None:
+    with pytest.raises(lrpfx.TraceError, match=r"could not trace Branchy.*Hint: .*leaf"):
+        lrpfx.compile(Branchy().eval())
+
+
+def test_unsupported_op_lists_every_unmatched_node() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SiLU(), nn.Conv2d(4, 4, 3), nn.GELU(), nn.Flatten(),
+                          nn.Linear(4 * 4 * 4, 2)).eval()
+    with pytest.raises(lrpfx.UnmatchedNodeError, match=r"(?s)2 node\(s\).*GELU, SiLU.*Hint: register a rule") as info:
+        lrpfx.compile(model, rules="epsilon")
+    assert info.value.nodes == ["_1", "_3"]
+
+
+def test_train_mode_is_refused(resnet18_f64: nn.Module) -> None:
+    model = copy.deepcopy(resnet18_f64).train()
+    with pytest.raises(lrpfx.TrainModeError, match=r"training mode.*Hint: call model.eval\(\)"):
+        lrpfx.compile(model)
+
+
+def test_unknown_ruleset_name() -> None:
+    with pytest.raises(lrpfx.RuleSetError, match=r"unknown rule set 'epsilon_pluss'.*Built-in rule sets: .*lrp0"):
+        lrpfx.compile(nn.Linear(2, 2).eval(), rules="epsilon_pluss")
+
+
+def test_malformed_toml_names_the_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\nbind = [\n  { pattern = "conv", rule = }\n]\n')
+    with pytest.raises(lrpfx.RuleSetError, match=r"bad.toml: invalid TOML: .*line 3"):
+        lrpfx.compile(nn.Linear(2, 2).eval(), rules=bad)
+
+
+def test_toml_with_unknown_rule_or_parameter(tmp_path: Path) -> None:
+    with pytest.raises(lrpfx.RuleSetError, match=r"bind\[0\]: .*unknown rule 'zplusplus'"):
+        lrpfx.RuleSet.from_toml('bind = [{ pattern = "conv", rule = "zplusplus" }]')
+    with pytest.raises(lrpfx.RuleSetError, match=r"bind\[1\]: rule 'epsilon' does not take \['epsilon'\]"):
+        lrpfx.RuleSet.from_toml('bind = [{ pattern = "conv", rule = "zplus" }, '
+                                '{ pattern = "linear", rule = "epsilon", epsilon = 1 }]')
+    with pytest.raises(lrpfx.RuleSetError, match=r"unknown pattern 'convv'"):
+        lrpfx.RuleSet.from_toml('bind = [{ pattern = "convv", rule = "zplus" }]')
+
+
+def test_rule_that_does_not_apply_to_the_op() -> None:
+    rs = lrpfx.RuleSet.from_toml('name = "odd"\nbind = [{ pattern = "linear", rule = "wta" }]')
+    with pytest.raises(lrpfx.RuleSetError, match=r"rule 'wta' applies to \['maxpool'\]"):
+        lrpfx.compile(nn.Linear(2, 2).eval(), rules=rs)
+
+
+@pytest.fixture(scope="module")
+def small_explainer() -> torch.fx.GraphModule:
+    return lrpfx.compile(tv_model("resnet18", dtype=torch.float32), rules="epsilon_plus_flat")
+
+
+@pytest.mark.parametrize("target,message", [
+    (10, r"target \[10\] out of range for a model with 10 classes \(valid: 0..9\)"),
+    (torch.tensor([1, -1]), r"target \[1, -1\] out of range"),
+    (torch.tensor([1, 2, 3]), r"target has 3 entries for a batch of 2"),
+    (torch.zeros(2, 3), r"float target .* must have the logits' shape \(2, 10\)"),
+    ("cat", r"target must be None, an int, a LongTensor"),
+])
+def test_bad_target(small_explainer: torch.fx.GraphModule, target: object, message: str) -> None:
+    with pytest.raises(lrpfx.InputError, match=message):
+        small_explainer(torch.randn(2, 3, 32, 32), target)
+
+
+def test_wrong_input_rank_channels_and_nan(small_explainer: torch.fx.GraphModule) -> None:
+    with pytest.raises(lrpfx.InputError, match=r"shape \(3, 32, 32\) but the model expects 4 dimensions.*unsqueeze"):
+        small_explainer(torch.randn(3, 32, 32))
+    with pytest.raises(lrpfx.InputError, match=r"has 1 channels .* first layer expects 3"):
+        small_explainer(torch.randn(2, 1, 32, 32))
+    x = torch.randn(3, 3, 32, 32)
+    x[1, 0, 0, 0] = float("nan")
+    with pytest.raises(lrpfx.InputError, match=r"NaN or inf in sample\(s\) \[1\]"):
+        small_explainer(x)
+
+
+def test_model_returning_a_tuple_is_refused() -> None:
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.fc(x), x
+
+    with pytest.raises(lrpfx.TraceError, match=r"returns tuple .*Hint: wrap it"):
+        lrpfx.compile(Two().eval())
+
+
+class Functional(nn.Module):
+    """Layers written as F.conv2d / F.linear on the module's own parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(6, 3, 3, 3))
+        self.b1 = nn.Parameter(torch.randn(6) * 0.1)
+        self.w2 = nn.Parameter(torch.randn(4, 6 * 4 * 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(F.conv2d(x, self.w1, self.b1, stride=2, padding=1))
+        return F.linear(torch.flatten(y, 1), self.w2)
+
+
+def test_functional_layers_become_layers() -> None:
+    torch.manual_seed(0)
+    model = Functional().eval().double()
+    plan = lrpfx.inspect(model, "epsilon_plus_flat")
+    assert [plan.kinds[n] for n in plan.path if n.op != "placeholder"] == ["conv", "relu", "reshape", "linear"]
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    relevance, _ = lrpfx.compile(model, rules="lrp0")(x, torch.tensor([1, 3]))
+    assert rel_err(relevance, input_x_gradient(model, x, torch.tensor([1, 3]))) < 1e-6
