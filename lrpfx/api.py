@@ -40,8 +40,9 @@ def inspect(model: torch.nn.Module, rules: RulesArg = "epsilon_plus_flat", *,
     ``print(lrpfx.inspect(model, "c3_lrp"))`` shows, per node of the canonical graph, its op,
     the pattern that matched and the rule it got; nodes nothing matched are listed too.
     """
-    gm = canonicalize(trace(model, leaf_modules))
-    return plan(gm, _ruleset(rules, bindings, None))
+    rs = _ruleset(rules, bindings, None)
+    gm = canonicalize(trace(model, leaf_modules), fold_batchnorm_=rs.options.get("batchnorm", "fold") == "fold")
+    return plan(gm, rs)
 
 
 def compile(model: torch.nn.Module, rules: RulesArg = "epsilon_plus_flat", *,

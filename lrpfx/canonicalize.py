@@ -189,9 +189,15 @@ PASSES: tuple[Callable[[fx.GraphModule], None], ...] = (
 )
 
 
-def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
-    """Run every pass, then dead-code elimination; ``gm`` is rewritten in place and returned."""
+def canonicalize(gm: fx.GraphModule, fold_batchnorm_: bool = True) -> fx.GraphModule:
+    """Run every pass, then dead-code elimination; ``gm`` is rewritten in place and returned.
+
+    ``fold_batchnorm_=False`` keeps every BatchNorm as its own op (a rule set's
+    ``options.batchnorm = "pass"``, as the ECCV release treats BatchNorm).
+    """
     for p in PASSES:
+        if p is fold_batchnorm and not fold_batchnorm_:
+            continue
         p(gm)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()

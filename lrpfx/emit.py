@@ -86,10 +86,13 @@ class Emitter:
             inputs = self.rel_inputs[n]
         calls = a.rule.apply(op)
         self._made.clear()
-        meta = {"pattern": a.pattern, "rule": str(a.rule), "source": n.name}
+        meta = {"pattern": a.pattern, "rule": str(a.rule), "source": n.name, "rel_out": rel.name,
+                "block": a.block is not None}
         for i, call in zip(inputs, calls):
             name = f"rel_{i.name}" if self.n_rel_users[i] == 1 else f"rel_{i.name}_from_{n.name}"
-            self.shares.setdefault(i, []).append((n.name, self._node(call, name, meta)))
+            share = self._node(call, name, meta)
+            share.meta["lrpfx"]["share_of"] = i.name
+            self.shares.setdefault(i, []).append((n.name, share))
 
     def _combine(self, n: fx.Node) -> fx.Node | None:
         shares = self.shares.pop(n, [])
@@ -132,11 +135,20 @@ class Emitter:
         return op
 
     def _block_op(self, a: Any, rel: fx.Node) -> Op:
-        op = Op(kind=a.pattern, node=a.anchor.name, inputs=[self.env[a.block.input]], out=self.env[a.anchor],
-                rel=rel, nonneg=[self.nonneg.get(a.block.input, False)])
-        op.attrs["block"] = a.block
-        op.attrs["env"] = self.env
-        op.attrs["emitter"] = self
+        b = a.block
+        skip = b.roles.get("skip_conv")
+        op = Op(kind=a.pattern, node=a.anchor.name, inputs=[self.env[b.input]], out=self.env[a.anchor],
+                rel=rel, nonneg=[self.nonneg.get(b.input, False)])
+        convs = b.chain("conv")
+        op.params = {"weights": [self.param(c, "weight") for c in convs],
+                     "skip_weight": None if skip is None else self.param(skip, "weight")}
+        geo = [_geometry_tuple(c, self.gm.get_submodule(c.target)) for c in convs]
+        op.attrs.update({
+            "acts": [self.env[r] for r in b.chain("relu")], "h_main": self.env[b.main_end],
+            "h_skip": self.env[b.skip_end], "geometry": geo, "projection": b.projection,
+            "skip_geometry": None if skip is None else _geometry_tuple(skip, self.gm.get_submodule(skip.target)),
+            "folded": not b.chain("bn"),
+        })
         return op
 
     def param(self, n: fx.Node, name: str) -> fx.Node | None:
@@ -211,6 +223,11 @@ def _conv_geometry(n: fx.Node, m: nn.Module) -> dict[str, Any]:
                              "which lrpfx does not support. Hint: pad explicitly with F.pad before the conv.")
     return {"stride": tuple(m.stride), "padding": tuple(padding), "dilation": tuple(m.dilation),
             "groups": int(m.groups)}
+
+
+def _geometry_tuple(n: fx.Node, m: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int]:
+    g = _conv_geometry(n, m)
+    return g["stride"], g["padding"], g["dilation"], g["groups"]
 
 
 def emit(plan: Plan, postprocess: list[tuple[Any, dict[str, Any]]] | None = None) -> fx.GraphModule:

@@ -370,3 +370,124 @@ def _check_range(index: torch.Tensor, classes: int) -> None:
     if _validating() and bool(((index < 0) | (index >= classes)).any()):
         raise InputError(f"target {index.tolist()} out of range for a model with {classes} classes "
                          f"(valid: 0..{classes - 1}).")
+
+
+# --------------------------------------------------------------------------- whole residual blocks
+# A block: u = F(x) + S(x), O = relu(u); F = conv_n(... relu(conv_1(x))), S = identity or a 1x1 conv.
+# ``acts`` are the ReLU outputs inside the main branch (the inputs of conv_2 ... conv_n);
+# ``geometry`` holds one (stride, padding, dilation, groups) tuple per conv.
+Geo = tuple[Sequence[int], Sequence[int], Sequence[int], int]
+
+
+def _block_transpose(g: torch.Tensor, x: torch.Tensor, acts: Sequence[torch.Tensor],
+                     weights: Sequence[torch.Tensor], geometry: Sequence[Geo]) -> torch.Tensor:
+    """J_F^T g through the main branch, with the ReLU masks of the real forward."""
+    ins = [x, *acts]
+    for i in reversed(range(len(weights))):
+        g = _transpose(g, weights[i], ins[i].shape, *geometry[i])
+        if i > 0:
+            g = g * (acts[i - 1] > 0).to(g.dtype)
+    return g
+
+
+def _skip_transpose(g: torch.Tensor, x: torch.Tensor, skip_weight: torch.Tensor | None,
+                    skip_geometry: Geo | None) -> torch.Tensor:
+    if skip_weight is None:
+        return g
+    assert skip_geometry is not None
+    return _transpose(g, skip_weight, x.shape, *skip_geometry)
+
+
+def block_dense_eps(x: torch.Tensor, out: torch.Tensor, rel: torch.Tensor, acts: Sequence[torch.Tensor],
+                    weights: Sequence[torch.Tensor], skip_weight: torch.Tensor | None = None, *,
+                    geometry: Sequence[Geo], skip_geometry: Geo | None = None, eps: float) -> torch.Tensor:
+    """C3-LRP's block rule, read literally (METHOD_SPEC §2, Formulation A): the block as one dense layer.
+
+    R_x = x * J^T (R_O / (O + eps)), J = dO/dx at x (ReLU masks from the forward, BatchNorm
+    folded). At eps = 0 a chain of these equals Input x Gradient; the effective bias of the
+    block (its BatchNorm shifts, through the ReLU gates) absorbs or adds relevance.
+    """
+    g = (rel / stabilize(out, eps)) * (out > 0).to(rel.dtype)
+    return x * (_block_transpose(g, x, acts, weights, geometry) + _skip_transpose(g, x, skip_weight, skip_geometry))
+
+
+def block_dense_zplus(x: torch.Tensor, out: torch.Tensor, rel: torch.Tensor, acts: Sequence[torch.Tensor],
+                      weights: Sequence[torch.Tensor], skip_weight: torch.Tensor | None = None, *,
+                      geometry: Sequence[Geo], skip_geometry: Geo | None = None, eps: float) -> torch.Tensor:
+    """The block as one positive dense layer (METHOD_SPEC §2, Formulation B).
+
+    The block's positive twin: folded weights clamped at 0, biases dropped, each ReLU
+    replaced by its mask from the real forward, the projection clamped too. It is linear,
+    u+ = J+ x with J+ >= 0, and R_x = x * (J+)^T (R_O / (u+ + eps)): non-negative for x >= 0
+    and conserving up to eps. The split between shortcut and main branch is implicit.
+    """
+    wp = [w.clamp(min=0) for w in weights]
+    swp = None if skip_weight is None else skip_weight.clamp(min=0)
+    h = x
+    for i, w in enumerate(wp):
+        h = _forward(h, w, None, *geometry[i])
+        if i < len(acts):
+            h = h * (acts[i] > 0).to(h.dtype)
+    u_plus = h + (x if swp is None else _forward(x, swp, None, *skip_geometry))  # type: ignore[misc]
+    g = rel * (out > 0).to(rel.dtype) / stabilize(u_plus, eps)
+    return x * (_block_transpose(g, x, acts, wp, geometry) + _skip_transpose(g, x, swp, skip_geometry))
+
+
+def split_ratio(h_main: torch.Tensor, h_skip: torch.Tensor, *, split: str, eps: float) -> torch.Tensor:
+    """The main branch's share at a residual add (ECCV 2024 relevance splitting, METHOD_SPEC §1.4).
+
+    ``ratio``: |h_m| / (|h_m| + |h_s| + eps), 0.5 where both are 0; ``symmetric``: 0.5;
+    ``main``: 1 (everything to the main branch).
+    """
+    if split == "symmetric":
+        return torch.full_like(h_main, 0.5)
+    if split == "main":
+        return torch.ones_like(h_main)
+    am, as_ = h_main.abs(), h_skip.abs()
+    both_zero = (am == 0) & (as_ == 0)
+    return torch.where(both_zero, torch.full_like(am, 0.5), am / (am + as_ + eps))
+
+
+def block_eccv(x: torch.Tensor, rel: torch.Tensor, acts: Sequence[torch.Tensor], h_main: torch.Tensor,
+               h_skip: torch.Tensor, weights: Sequence[torch.Tensor], skip_weight: torch.Tensor | None = None, *,
+               geometry: Sequence[Geo], skip_geometry: Geo | None = None, split: str, eps: float) -> torch.Tensor:
+    """The ECCV 2024 bottleneck backward (Otsuki et al.; METHOD_SPEC §1.4, "Exact ECCV Bottleneck backward").
+
+    Split R at the add into R_m = r R and R_s = R - R_m (so R_m + R_s = R exactly), then
+    z+ through the main branch's convs (ReLUs pass) and through the projection, if any.
+    """
+    r_main = split_ratio(h_main, h_skip, split=split, eps=eps) * rel
+    r_skip = rel - r_main
+    ins = [x, *acts]
+    for i in reversed(range(len(weights))):
+        r_main = zplus(ins[i], r_main, weights[i], None, eps=eps, nonneg=True, stride=geometry[i][0],
+                       padding=geometry[i][1], dilation=geometry[i][2], groups=geometry[i][3])
+    if skip_weight is not None:
+        assert skip_geometry is not None
+        r_skip = zplus(x, r_skip, skip_weight, None, eps=eps, nonneg=True, stride=skip_geometry[0],
+                       padding=skip_geometry[1], dilation=skip_geometry[2], groups=skip_geometry[3])
+    return r_main + r_skip
+
+
+def renormalize(rel_in: torch.Tensor, rel_out: torch.Tensor, *, eps: float) -> torch.Tensor:
+    """Rescale a block's input relevance to carry its output relevance, per sample (Formulation C)."""
+    dims = tuple(range(1, rel_in.dim()))
+    total_in = rel_in.sum(dims, keepdim=True)
+    total_out = rel_out.sum(tuple(range(1, rel_out.dim())), keepdim=True).view_as(total_in)
+    return rel_in * total_out / stabilize(total_in, eps)
+
+
+def flat_positive(a: torch.Tensor, rel: torch.Tensor, weight: torch.Tensor, *, eps: float,
+                  stride: Sequence[int] | None = None, padding: Sequence[int] | None = None,
+                  dilation: Sequence[int] | None = None, groups: int = 1) -> torch.Tensor:
+    """z+ on an all-ones input, the ECCV release's first layer: R_j = sum_k w+_jk / sum_j w+_jk R_k."""
+    geo = (stride, padding, dilation, groups)
+    wp = weight.clamp(min=0)
+    z = _forward(torch.ones_like(a), wp, None, *geo)
+    return _transpose(rel / stabilize(z, eps), wp, a.shape, *geo)
+
+
+def avg_substitute(a: torch.Tensor, rel: torch.Tensor, *, kernel: int, eps: float) -> torch.Tensor:
+    """The ECCV release's max-pool substitute: relevance through AvgPool2d(kernel) (stride = kernel)."""
+    z = F.avg_pool2d(a, kernel)
+    return avgpool(a, z, rel, eps=eps, kernel_size=(kernel, kernel), stride=(kernel, kernel), padding=(0, 0))

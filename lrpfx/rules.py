@@ -300,6 +300,148 @@ class AvgMatched(Rule):
         return (Call(kernels.avgpool, (a, z, op.rel), {"eps": self.stabilizer, "count_include_pad": True, **attrs}),)
 
 
+# --------------------------------------------------------------------------- the ECCV release's choices
+@dataclass(frozen=True)
+class FlatPositive(Rule):
+    """The ECCV 2024 release's first layer: z+ on an all-ones input (a "flat-z+", input-independent)."""
+
+    name: ClassVar[str] = "flat_positive"
+    kinds: ClassVar[frozenset[str]] = LINEAR_KINDS
+    stabilizer: float = 1e-5
+
+    def apply(self, op: Op) -> tuple[Call, ...]:
+        return (Call(kernels.flat_positive, (op.inputs[0], op.rel, op.params["weight"]),
+                     {"eps": self.stabilizer, **_geometry(op)}),)
+
+
+@dataclass(frozen=True)
+class AvgSubstitute(Rule):
+    """The ECCV 2024 release's max-pool rule: relevance as through ``AvgPool2d(kernel)`` (METHOD_SPEC §1.3).
+
+    Its windows are misaligned with ResNet's 3x3/s2/p1 max-pool; the shapes still match.
+    """
+
+    name: ClassVar[str] = "avg_substitute"
+    kinds: ClassVar[frozenset[str]] = frozenset({"maxpool"})
+    kernel: int = 2
+    stabilizer: float = 1e-5
+
+    def apply(self, op: Op) -> tuple[Call, ...]:
+        return (Call(kernels.avg_substitute, (op.inputs[0], op.rel), {"kernel": self.kernel, "eps": self.stabilizer}),)
+
+
+# --------------------------------------------------------------------------- whole-block rules
+BLOCK_KINDS = frozenset({"bottleneck", "basic_block"})
+#: ECCV code modes (``--skip-connection-prop-type``) -> (split, identity_skip); METHOD_SPEC §1.4
+ECCV_MODES = {"simple": ("symmetric", False), "flows_skip_simple": ("symmetric", True),
+              "latest": ("ratio", False), "flows_skip": ("ratio", True)}
+
+
+def _block_args(op: Op) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    return ((op.params["weights"], op.params["skip_weight"]),
+            {"geometry": op.attrs["geometry"], "skip_geometry": op.attrs["skip_geometry"]})
+
+
+def _needs_folded(rule: Rule, op: Op) -> None:
+    if not op.attrs["folded"]:
+        raise RuleSetError(f"block {op.node}: rule {rule.name!r} works on the block with BatchNorm folded, but "
+                           "this rule set keeps BatchNorm (options.batchnorm = 'pass'). Hint: fold BatchNorm, or "
+                           "use the 'eccv' block rule.")
+
+
+@dataclass(frozen=True)
+class DenseEpsilon(Rule):
+    """C3-LRP's residual-block rule, literal reading (Doublet et al., JSAI 2024; METHOD_SPEC §2 A).
+
+    "Each bottleneck block as a single dense layer": R_x = x * J^T (R_O / (O + eps)).
+    """
+
+    name: ClassVar[str] = "dense_eps"
+    kinds: ClassVar[frozenset[str]] = BLOCK_KINDS
+    eps: float = 1e-6
+
+    def apply(self, op: Op) -> tuple[Call, ...]:
+        _needs_folded(self, op)
+        (w, sw), geo = _block_args(op)
+        return (Call(kernels.block_dense_eps, (op.inputs[0], op.out, op.rel, op.attrs["acts"], w, sw),
+                     {**geo, "eps": self.eps}),)
+
+
+@dataclass(frozen=True)
+class DenseZPlus(Rule):
+    """C3-LRP's residual-block rule on the block's positive twin (METHOD_SPEC §2 B; the recommended default)."""
+
+    name: ClassVar[str] = "dense_zplus"
+    kinds: ClassVar[frozenset[str]] = BLOCK_KINDS
+    stabilizer: float = 1e-6
+
+    def apply(self, op: Op) -> tuple[Call, ...]:
+        _needs_folded(self, op)
+        (w, sw), geo = _block_args(op)
+        return (Call(kernels.block_dense_zplus, (op.inputs[0], op.out, op.rel, op.attrs["acts"], w, sw),
+                     {**geo, "eps": self.stabilizer}),)
+
+
+@dataclass(frozen=True)
+class EccvSplit(Rule):
+    """Relevance splitting at the residual add, then z+ inside the block (Otsuki et al., ECCV 2024).
+
+    Args:
+        split: ``ratio`` (|h_m| / (|h_m| + |h_s| + eps)) or ``symmetric`` (0.5).
+        identity_skip: whether identity shortcuts (S-blocks) take part in the split; if not,
+            their relevance all goes to the main branch (the code's ``simple``/``latest``).
+        mode: one of the code's modes (``simple``, ``flows_skip_simple``, ``latest``,
+            ``flows_skip``), which sets ``split`` and ``identity_skip``.
+        stabilizer: the code adds 1e-5 to every z+ denominator.
+    """
+
+    name: ClassVar[str] = "eccv"
+    kinds: ClassVar[frozenset[str]] = BLOCK_KINDS
+    split: str = "ratio"
+    identity_skip: bool = True
+    mode: str | None = None
+    stabilizer: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.mode is not None:
+            if self.mode not in ECCV_MODES:
+                raise RuleSetError(f"eccv: mode={self.mode!r} is not one of {sorted(ECCV_MODES)}.")
+            object.__setattr__(self, "split", ECCV_MODES[self.mode][0])
+            object.__setattr__(self, "identity_skip", ECCV_MODES[self.mode][1])
+        if self.split not in ("ratio", "symmetric"):
+            raise RuleSetError(f"eccv: split={self.split!r} is not 'ratio' or 'symmetric'.")
+
+    def block_split(self, op: Op) -> str:
+        """The split used at this block's add."""
+        return self.split if (op.attrs["projection"] or self.identity_skip) else "main"
+
+    def apply(self, op: Op) -> tuple[Call, ...]:
+        (w, sw), geo = _block_args(op)
+        return (Call(kernels.block_eccv, (op.inputs[0], op.rel, op.attrs["acts"], op.attrs["h_main"],
+                                          op.attrs["h_skip"], w, sw),
+                     {**geo, "split": self.block_split(op), "eps": self.stabilizer}),)
+
+
+@dataclass(frozen=True)
+class Renormalize(EccvSplit):
+    """Any inner block rule, then the block's input relevance rescaled to conserve it (METHOD_SPEC §2 C).
+
+    ``inner`` is ``eccv`` (the split of :class:`EccvSplit`, with its options) or ``dense_eps``.
+    """
+
+    name: ClassVar[str] = "renorm"
+    inner: str = "eccv"
+
+    def apply(self, op: Op) -> tuple[Call, ...]:
+        if self.inner == "dense_eps":
+            inner = DenseEpsilon(eps=self.stabilizer).apply(op)[0]
+        elif self.inner == "eccv":
+            inner = super().apply(op)[0]
+        else:
+            raise RuleSetError(f"renorm: inner={self.inner!r} is not 'eccv' or 'dense_eps'.")
+        return (Call(kernels.renormalize, (inner, op.rel), {"eps": self.stabilizer}),)
+
+
 # --------------------------------------------------------------------------- registry
 _REGISTRY: dict[str, type[Rule]] = {}
 
@@ -329,5 +471,6 @@ def registered_rules() -> dict[str, type[Rule]]:
     return dict(_REGISTRY)
 
 
-for _cls in (Epsilon, Zero, Norm, ZPlus, AlphaBeta, Gamma, ZBox, Flat, WSquare, Pass, WinnerTakesAll, AvgMatched):
+for _cls in (Epsilon, Zero, Norm, ZPlus, AlphaBeta, Gamma, ZBox, Flat, WSquare, Pass, WinnerTakesAll, AvgMatched,
+             FlatPositive, AvgSubstitute, DenseEpsilon, DenseZPlus, EccvSplit, Renormalize):
     register_rule(_cls)

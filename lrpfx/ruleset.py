@@ -29,6 +29,8 @@ from lrpfx.errors import RuleSetError
 from lrpfx.rules import Rule, rule_class
 
 _TOP_MODES = ("logit", "softmax")
+#: rule-set options and their allowed values
+_OPTIONS: dict[str, tuple[str, ...]] = {"batchnorm": ("fold", "pass")}
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,13 @@ class RuleSet:
     def __post_init__(self) -> None:
         if self.top not in _TOP_MODES:
             raise RuleSetError(f"rule set {self.name!r}: top={self.top!r} is not one of {_TOP_MODES}.")
+        unknown = set(self.options) - set(_OPTIONS)
+        if unknown:
+            raise RuleSetError(f"rule set {self.name!r}: unknown option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}.")
+        for key, allowed in _OPTIONS.items():
+            if key in self.options and self.options[key] not in allowed:
+                raise RuleSetError(f"rule set {self.name!r}: options.{key} = {self.options[key]!r} is not one of "
+                                   f"{allowed}.")
 
     @classmethod
     def ensure(cls, value: RuleSet | str | Path) -> RuleSet:
