@@ -15,6 +15,8 @@ from lrpfx.errors import (
     TrainModeError,
     UnmatchedNodeError,
 )
+from lrpfx.diagnostics import block_leaks
+from lrpfx.export import export_onnx, export_program
 from lrpfx.match import Plan
 from lrpfx.patterns import Pattern, register_pattern, registered_patterns
 from lrpfx.rules import (
@@ -42,6 +44,6 @@ __all__ = [
     "AlphaBeta", "AvgMatched", "Binding", "Epsilon", "Flat", "Gamma", "InputError", "LrpfxError", "Norm",
     "Pass", "Pattern", "Plan", "RegistryError", "Rule", "RuleSet", "RuleSetError", "TraceError",
     "TrainModeError", "UnmatchedNodeError", "WSquare", "WinnerTakesAll", "ZBox", "ZPlus", "Zero",
-    "builtin_rulesets", "compile", "inspect", "register_pattern", "register_rule", "registered_patterns",
+    "block_leaks", "builtin_rulesets", "compile", "export_onnx", "export_program", "inspect", "register_pattern", "register_rule", "registered_patterns",
     "registered_rules",
 ]

@@ -15,7 +15,9 @@ Every linear-type rule follows the same four steps (Montavon et al., 2019):
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -379,6 +381,29 @@ def _check_range(index: torch.Tensor, classes: int) -> None:
 Geo = tuple[Sequence[int], Sequence[int], Sequence[int], int]
 
 
+def _float16_in_float32(fn: Any) -> Any:
+    """Run a block kernel in float32 when its input is float16.
+
+    A path sum through a whole block (J+ x) can exceed float16's range (65504) where each
+    layer alone does not; bfloat16 has float32's range and runs as is.
+    """
+    @functools.wraps(fn)
+    def wrapper(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if x.dtype != torch.float16:
+            return fn(x, *args, **kwargs)
+        up = [_to(a, torch.float32) for a in args]
+        return fn(x.float(), *up, **kwargs).half()
+    return wrapper
+
+
+def _to(v: Any, dtype: torch.dtype) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.to(dtype)
+    if isinstance(v, (list, tuple)):
+        return type(v)(_to(a, dtype) for a in v)
+    return v
+
+
 def _block_transpose(g: torch.Tensor, x: torch.Tensor, acts: Sequence[torch.Tensor],
                      weights: Sequence[torch.Tensor], geometry: Sequence[Geo]) -> torch.Tensor:
     """J_F^T g through the main branch, with the ReLU masks of the real forward."""
@@ -386,7 +411,7 @@ def _block_transpose(g: torch.Tensor, x: torch.Tensor, acts: Sequence[torch.Tens
     for i in reversed(range(len(weights))):
         g = _transpose(g, weights[i], ins[i].shape, *geometry[i])
         if i > 0:
-            g = g * (acts[i - 1] > 0).to(g.dtype)
+            g = torch.where(acts[i - 1] > 0, g, torch.zeros_like(g))
     return g
 
 
@@ -398,6 +423,7 @@ def _skip_transpose(g: torch.Tensor, x: torch.Tensor, skip_weight: torch.Tensor 
     return _transpose(g, skip_weight, x.shape, *skip_geometry)
 
 
+@_float16_in_float32
 def block_dense_eps(x: torch.Tensor, out: torch.Tensor, rel: torch.Tensor, acts: Sequence[torch.Tensor],
                     weights: Sequence[torch.Tensor], skip_weight: torch.Tensor | None = None, *,
                     geometry: Sequence[Geo], skip_geometry: Geo | None = None, eps: float) -> torch.Tensor:
@@ -411,6 +437,7 @@ def block_dense_eps(x: torch.Tensor, out: torch.Tensor, rel: torch.Tensor, acts:
     return x * (_block_transpose(g, x, acts, weights, geometry) + _skip_transpose(g, x, skip_weight, skip_geometry))
 
 
+@_float16_in_float32
 def block_dense_zplus(x: torch.Tensor, out: torch.Tensor, rel: torch.Tensor, acts: Sequence[torch.Tensor],
                       weights: Sequence[torch.Tensor], skip_weight: torch.Tensor | None = None, *,
                       geometry: Sequence[Geo], skip_geometry: Geo | None = None, eps: float) -> torch.Tensor:
@@ -427,7 +454,7 @@ def block_dense_zplus(x: torch.Tensor, out: torch.Tensor, rel: torch.Tensor, act
     for i, w in enumerate(wp):
         h = _forward(h, w, None, *geometry[i])
         if i < len(acts):
-            h = h * (acts[i] > 0).to(h.dtype)
+            h = torch.where(acts[i] > 0, h, torch.zeros_like(h))
     u_plus = h + (x if swp is None else _forward(x, swp, None, *skip_geometry))  # type: ignore[misc]
     g = rel * (out > 0).to(rel.dtype) / stabilize(u_plus, eps)
     return x * (_block_transpose(g, x, acts, wp, geometry) + _skip_transpose(g, x, swp, skip_geometry))
@@ -448,6 +475,7 @@ def split_ratio(h_main: torch.Tensor, h_skip: torch.Tensor, *, split: str, eps: 
     return torch.where(both_zero, torch.full_like(am, 0.5), am / (am + as_ + eps))
 
 
+@_float16_in_float32
 def block_eccv(x: torch.Tensor, rel: torch.Tensor, acts: Sequence[torch.Tensor], h_main: torch.Tensor,
                h_skip: torch.Tensor, weights: Sequence[torch.Tensor], skip_weight: torch.Tensor | None = None, *,
                geometry: Sequence[Geo], skip_geometry: Geo | None = None, split: str, eps: float) -> torch.Tensor:
