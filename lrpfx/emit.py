@@ -38,6 +38,7 @@ class Emitter:
         for n in plan.path:
             for i in self._inputs_of(n):
                 self.n_rel_users[i] += 1
+        self.rectified = self._rectifiable()
 
     # ------------------------------------------------------------------ graph building
     def forward_replay(self) -> tuple[fx.Node, fx.Node]:
@@ -52,8 +53,50 @@ class Emitter:
         for n in self.gm.graph.nodes:
             if n.op in ("placeholder", "output"):
                 continue
+            if n.op == "call_function" and n.target is torch.relu and n.args[0] in self.rectified:
+                self.env[n] = self.graph.call_function(torch.relu_, (self.env[n.args[0]],))
+                self.env[n].name = n.name
+                continue
             self.env[n] = self.graph.node_copy(n, lambda a: self.env[a])
         return target, self.env[self.plan.output]
+
+    def _zero_at_zero(self) -> dict[fx.Node, bool]:
+        """Values whose relevance is provably 0 wherever the value is 0 (from the consumers' rules)."""
+        out: dict[fx.Node, bool] = {}
+        consumers: dict[fx.Node, list[fx.Node]] = {n: [] for n in self.plan.path}
+        for n in self.plan.path:
+            for i in self._inputs_of(n):
+                consumers[i].append(n)
+        for n in reversed(self.plan.path):
+            if n is self.plan.output or not consumers[n]:
+                out[n] = False
+                continue
+            ok = True
+            for u in consumers[n]:
+                mode = self.plan.assignments[u].rule.zero_at_zero
+                ok &= mode == "proportional" or (mode == "transmit" and out.get(u, False))
+            out[n] = ok
+        return out
+
+    def _rectifiable(self) -> set[fx.Node]:
+        """Conv/linear outputs whose ReLU can run in place in the forward.
+
+        Safe where the ReLU's output gets zero relevance wherever it is zero: the layer's rule
+        then sees no difference between z and relu(z), and the activation is never copied.
+        """
+        zero = self._zero_at_zero()
+        found = set()
+        for n in self.plan.path:
+            src = n.args[0] if n.args else None
+            if self.plan.kinds.get(n) != "relu" or not isinstance(src, fx.Node) or len(src.users) != 1 \
+                    or self.plan.kinds.get(src) not in ("conv", "linear"):
+                continue
+            a = self.plan.assignments.get(n)
+            # block rules read the ReLU outputs (and h_m, which no ReLU follows), never a conv's output
+            in_block = a is not None and a.block is not None and a.anchor is not n and src in a.nodes
+            if zero.get(n, False) or in_block:
+                found.add(src)
+        return found
 
     def relevance(self, target: fx.Node, logits: fx.Node) -> fx.Node:
         """Emit the relevance pass; returns the node holding the input relevance."""
@@ -132,6 +175,8 @@ class Emitter:
                 nonneg=[self.nonneg.get(i, False) for i in ins])
         if n.op == "call_module":
             self._module_facts(op, n, self.gm.get_submodule(n.target))
+        if n in self.rectified:
+            op.attrs["z_rectified"] = True
         return op
 
     def _block_op(self, a: Any, rel: fx.Node) -> Op:

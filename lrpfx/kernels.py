@@ -43,17 +43,20 @@ def effective_eps(eps: float, dtype: torch.dtype) -> float:
     return max(eps, torch.finfo(dtype).eps) if dtype in (torch.float16, torch.bfloat16) else eps
 
 
-def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
+def stabilize(z: torch.Tensor, eps: float, nonneg: bool = False) -> torch.Tensor:
     """``z + eps * sign(z)`` with ``sign(0) = +1`` (zennit's stabilizer).
 
     With ``eps == 0`` (LRP-0) exact zeros are replaced by one: on a ReLU network the
     relevance arriving at a zero pre-activation is itself zero, so the share stays 0
-    instead of becoming NaN.
+    instead of becoming NaN. ``nonneg=True`` (z known to be >= 0) saves the sign.
     """
     eps = effective_eps(eps, z.dtype)
     if eps == 0.0:
-        return torch.where(z == 0, torch.ones_like(z), z)
-    return z + eps * (2 * (z >= 0).to(z.dtype) - 1)
+        return z.masked_fill(z == 0, 1.0)
+    if nonneg:
+        return z + eps
+    # 0-dim tensors of z's dtype: Python scalars in torch.where would round eps to float32
+    return z + torch.where(z >= 0, z.new_full((), eps), z.new_full((), -eps))
 
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -93,15 +96,17 @@ def _neg(t: torch.Tensor | None) -> torch.Tensor | None:
 def epsilon(a: torch.Tensor, z: torch.Tensor | None, rel: torch.Tensor, weight: torch.Tensor,
             bias: torch.Tensor | None = None, *, eps: float, stride: Sequence[int] | None = None,
             padding: Sequence[int] | None = None, dilation: Sequence[int] | None = None,
-            groups: int = 1) -> torch.Tensor:
+            groups: int = 1, z_rectified: bool = False) -> torch.Tensor:
     """LRP-epsilon (Bach et al., 2015); ``eps=0`` is LRP-0.
 
     ``z`` is the layer's forward output, reused; pass ``z=None`` to recompute it from
-    ``weight`` and ``bias`` (e.g. with the bias dropped).
+    ``weight`` and ``bias`` (e.g. with the bias dropped). ``z_rectified=True`` says the
+    forward applied its ReLU in place on z: where that changed z (z < 0) the relevance is
+    0 anyway, so only the cheaper non-negative stabilizer differs, and not in the result.
     """
     if z is None:
         z = _forward(a, weight, bias, stride, padding, dilation, groups)
-    s = rel / stabilize(z, eps)
+    s = rel / stabilize(z, eps, nonneg=z_rectified)
     return a * _transpose(s, weight, a.shape, stride, padding, dilation, groups)
 
 
@@ -168,12 +173,18 @@ def gamma(a: torch.Tensor, z: torch.Tensor, rel: torch.Tensor, weight: torch.Ten
     b_up = None if bias is None else bias + gamma * bias.clamp(min=0)
     b_dn = None if bias is None else bias + gamma * bias.clamp(max=0)
     ap = a.clamp(min=0)
+    if nonneg:
+        # one extra conv instead of two: with p = W+ a, the layer's own z = W a + b gives
+        # z_up = z + gamma (p + b+) and z_dn = z + gamma (z - b - p + b-)
+        p = _forward(a, weight.clamp(min=0), None, *geo)
+        zb = z if bias is None else z - _expand_bias(bias, z)
+        z_up = z + gamma * (p if bias is None else p + _expand_bias(bias.clamp(min=0), z))
+        z_dn = z + gamma * (zb - p if bias is None else zb - p + _expand_bias(bias.clamp(max=0), z))
+        s_up = torch.where(z > 0, rel / stabilize(z_up, eps), torch.zeros_like(rel))
+        s_dn = torch.where(z < 0, rel / stabilize(z_dn, eps), torch.zeros_like(rel))
+        return a * (_transpose(s_up, w_up, a.shape, *geo) + _transpose(s_dn, w_dn, a.shape, *geo))
     z_up = _forward(ap, w_up, b_up, *geo)
     z_dn = _forward(ap, w_dn, b_dn, *geo)
-    if nonneg:
-        s_up = (z > 0).to(rel.dtype) * rel / stabilize(z_up, eps)
-        s_dn = (z < 0).to(rel.dtype) * rel / stabilize(z_dn, eps)
-        return ap * (_transpose(s_up, w_up, a.shape, *geo) + _transpose(s_dn, w_dn, a.shape, *geo))
     an = a.clamp(max=0)
     z_up = z_up + _forward(an, w_dn, None, *geo)
     z_dn = z_dn + _forward(an, w_up, None, *geo)
@@ -181,6 +192,10 @@ def gamma(a: torch.Tensor, z: torch.Tensor, rel: torch.Tensor, weight: torch.Ten
     s_dn = (z < 0).to(rel.dtype) * rel / stabilize(z_dn, eps)
     return (ap * _transpose(s_up, w_up, a.shape, *geo) + an * _transpose(s_up, w_dn, a.shape, *geo)
             + ap * _transpose(s_dn, w_dn, a.shape, *geo) + an * _transpose(s_dn, w_up, a.shape, *geo))
+
+
+def _expand_bias(bias: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return bias.view(1, -1, *([1] * (like.dim() - 2)))
 
 
 def _bound(value: Sequence[float] | float, like: torch.Tensor) -> torch.Tensor:

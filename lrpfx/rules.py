@@ -68,6 +68,10 @@ class Rule:
 
     name: ClassVar[str] = ""
     kinds: ClassVar[frozenset[str]] = frozenset()
+    #: how the relevance given to an input relates to that input's value: "proportional"
+    #: (zero where the input is zero, R = a * c), "transmit" (the output's relevance, routed:
+    #: zero where the input is zero if the output's is), or "other" (the safe default)
+    zero_at_zero: ClassVar[str] = "other"
 
     def apply(self, op: Op) -> tuple[Call, ...]:
         """One call per entry of ``op.inputs``: the relevance of that input."""
@@ -98,6 +102,7 @@ class Epsilon(Rule):
         zero_bias: drop the bias from the denominator (then the rule conserves relevance).
     """
 
+    zero_at_zero: ClassVar[str] = "proportional"
     name: ClassVar[str] = "epsilon"
     kinds: ClassVar[frozenset[str]] = frozenset(
         {"conv", "linear", "batchnorm", "avgpool", "adaptive_avgpool", "add"})
@@ -108,8 +113,9 @@ class Epsilon(Rule):
         a = op.inputs[0] if op.inputs else None
         if op.kind in LINEAR_KINDS:
             z = None if (self.zero_bias and op.params.get("bias") is not None) else op.out
+            rectified = {"z_rectified": True} if op.attrs.get("z_rectified") and z is not None else {}
             return (Call(kernels.epsilon, (a, z, op.rel, op.params["weight"], _bias(op, self.zero_bias)),
-                         {"eps": self.eps, **_geometry(op)}),)
+                         {"eps": self.eps, **_geometry(op), **rectified}),)
         if op.kind == "batchnorm":
             return (Call(kernels.batchnorm_epsilon,
                          (a, op.out, op.rel, op.params["running_var"], op.params.get("weight")),
@@ -148,6 +154,7 @@ class ZPlus(Rule):
     denominator unless ``zero_bias`` (DTD's z+ proper, which conserves relevance).
     """
 
+    zero_at_zero: ClassVar[str] = "proportional"
     name: ClassVar[str] = "zplus"
     kinds: ClassVar[frozenset[str]] = LINEAR_KINDS
     stabilizer: float = 1e-6
@@ -162,6 +169,7 @@ class ZPlus(Rule):
 class AlphaBeta(Rule):
     """LRP-alpha-beta with alpha - beta = 1 (Bach et al., 2015), zennit's signed-input form."""
 
+    zero_at_zero: ClassVar[str] = "proportional"
     name: ClassVar[str] = "alpha_beta"
     kinds: ClassVar[frozenset[str]] = LINEAR_KINDS
     alpha: float = 2.0
@@ -184,6 +192,7 @@ class AlphaBeta(Rule):
 class Gamma(Rule):
     """Generalized LRP-gamma (Montavon et al., 2019, LNCS 11700; Andeol et al., 2021)."""
 
+    zero_at_zero: ClassVar[str] = "proportional"
     name: ClassVar[str] = "gamma"
     kinds: ClassVar[frozenset[str]] = LINEAR_KINDS
     gamma: float = 0.25
@@ -260,6 +269,7 @@ class WSquare(Rule):
 class Pass(Rule):
     """Pass relevance through unchanged: activations (ReLU), reshapes, and BatchNorm as in zennit."""
 
+    zero_at_zero: ClassVar[str] = "transmit"
     name: ClassVar[str] = "pass"
     kinds: ClassVar[frozenset[str]] = frozenset({"relu", "reshape", "batchnorm"})
 
@@ -271,6 +281,7 @@ class Pass(Rule):
 class WinnerTakesAll(Rule):
     """Max pooling: all relevance of a window goes to its maximum (the gradient; zennit's default)."""
 
+    zero_at_zero: ClassVar[str] = "transmit"
     name: ClassVar[str] = "wta"
     kinds: ClassVar[frozenset[str]] = frozenset({"maxpool"})
 
@@ -286,6 +297,7 @@ class AvgMatched(Rule):
     R_j = sum_k a_j / sum_{j' in win(k)} a_j' * R_k; ``count_include_pad`` cancels.
     """
 
+    zero_at_zero: ClassVar[str] = "proportional"
     name: ClassVar[str] = "avg_matched"
     kinds: ClassVar[frozenset[str]] = frozenset({"maxpool"})
     stabilizer: float = 1e-6
@@ -321,6 +333,7 @@ class AvgSubstitute(Rule):
     Its windows are misaligned with ResNet's 3x3/s2/p1 max-pool; the shapes still match.
     """
 
+    zero_at_zero: ClassVar[str] = "proportional"
     name: ClassVar[str] = "avg_substitute"
     kinds: ClassVar[frozenset[str]] = frozenset({"maxpool"})
     kernel: int = 2
@@ -356,6 +369,7 @@ class DenseEpsilon(Rule):
     "Each bottleneck block as a single dense layer": R_x = x * J^T (R_O / (O + eps)).
     """
 
+    zero_at_zero: ClassVar[str] = "proportional"
     name: ClassVar[str] = "dense_eps"
     kinds: ClassVar[frozenset[str]] = BLOCK_KINDS
     eps: float = 1e-6
@@ -371,6 +385,7 @@ class DenseEpsilon(Rule):
 class DenseZPlus(Rule):
     """C3-LRP's residual-block rule on the block's positive twin (METHOD_SPEC §2 B; the recommended default)."""
 
+    zero_at_zero: ClassVar[str] = "proportional"
     name: ClassVar[str] = "dense_zplus"
     kinds: ClassVar[frozenset[str]] = BLOCK_KINDS
     stabilizer: float = 1e-6

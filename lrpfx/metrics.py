@@ -1,0 +1,342 @@
+"""Evaluation metrics for attribution maps (METHOD_SPEC §5).
+
+* ``insertion_deletion``: the patch Insertion/Deletion protocol of the ECCV 2024 code
+  (``protocol="eccv_patch"``, §5.1) and the original RISE protocol (``protocol="rise"``).
+* ``pointing_game`` (§5.2), ``relevance_mass_accuracy`` and ``relevance_rank_accuracy``
+  with the channel poolings of CLEVR-XAI (§5.3), ``attended_iou``.
+* ``error_type``: the operational IA / OA / WA / OK labels of §5.4.
+
+Maps are tensors (N, H, W) (or (N, C, H, W) where a pooling applies), masks are bool
+(N, H, W), images are normalised (N, 3, H, W) tensors. Per-image results are returned so
+that callers can average, bootstrap or pick failures.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+
+Protocol = Literal["eccv_patch", "rise"]
+Pooling = Literal["sum,pos", "sum,abs", "max-norm", "l1-norm", "l2-norm", "l2-norm,sq"]
+ErrorType = Literal["OK", "IA", "OA", "WA"]
+
+
+# ------------------------------------------------------------------ insertion / deletion
+@dataclass(frozen=True)
+class InsDelResult:
+    """Per-image scores of an insertion/deletion run.
+
+    Attributes:
+        insertion: AUC of the insertion curve, shape (N,).
+        deletion: AUC of the deletion curve, shape (N,).
+        insertion_curve: p_i of the target class, shape (N, K) (K + 1 points for "rise").
+        deletion_curve: the same for deletion.
+        step: pixels (patches) added or removed per step.
+    """
+
+    insertion: torch.Tensor
+    deletion: torch.Tensor
+    insertion_curve: torch.Tensor
+    deletion_curve: torch.Tensor
+    step: int
+
+    @property
+    def id_score(self) -> torch.Tensor:
+        """Insertion minus deletion per image (the ECCV code's "PID"); average it over images."""
+        return self.insertion - self.deletion
+
+
+def auc(curve: torch.Tensor) -> torch.Tensor:
+    """Trapezoid area with unit spacing, normalised: (sum p_i - p_0/2 - p_last/2) / (K - 1).
+
+    A single point (K = 1) has no width; its AUC is that point's value.
+    """
+    k = curve.shape[-1]
+    if k == 1:
+        return curve[..., 0].clone()
+    return (curve.sum(-1) - curve[..., 0] / 2 - curve[..., -1] / 2) / (k - 1)
+
+
+def default_step(n: int, protocol: Protocol, width: int) -> int:
+    """The default step: N/100 rounded for "eccv_patch" (the ECCV code's s = 500 is
+    N/100 at 224 x 224), one image row (``width`` pixels, 224 at 224 x 224 as in RISE) for "rise"."""
+    return max(1, round(n / 100)) if protocol == "eccv_patch" else max(1, width)
+
+
+def patch_scores(maps: torch.Tensor, patch: int) -> torch.Tensor:
+    """P = max over p x p patches (skimage ``block_reduce(A, (p, p), max)``); a ragged border
+    becomes a smaller patch (skimage pads with 0 instead, which only matters for negative maps)."""
+    if patch == 1:
+        return maps
+    return F.max_pool2d(maps[:, None], patch, patch, ceil_mode=True)[:, 0]
+
+
+def _upsample(m: torch.Tensor, patch: int, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest upsampling of patch masks (K, h, w) to pixel masks (K, H, W)."""
+    if patch > 1:
+        m = m.repeat_interleave(patch, 1).repeat_interleave(patch, 2)
+    return m[:, :size[0], :size[1]]
+
+
+def eccv_masks(p: torch.Tensor, step: int) -> torch.Tensor:
+    """Insertion masks of one patch map (h, w): K = ceil(N/s) masks, mask i = [P >= t_i] with
+    t_i the value of rank min(s(i+1), N-1): every tie of t_i enters at once."""
+    n = p.numel()
+    k = math.ceil(n / step)
+    ranked = torch.sort(p.flatten(), descending=True).values
+    ranks = torch.clamp(step * torch.arange(1, k + 1), max=n - 1)
+    return p[None] >= ranked[ranks].view(k, 1, 1)
+
+
+def rise_masks(p: torch.Tensor, step: int) -> torch.Tensor:
+    """Insertion masks of the RISE protocol: K + 1 masks, mask i holds the top s*i entries of
+    a stable descending sort (ties broken by raster index), mask 0 is empty."""
+    n = p.numel()
+    k = math.ceil(n / step)
+    order = torch.sort(p.flatten(), descending=True, stable=True).indices
+    rank = torch.empty(n, dtype=torch.long)
+    rank[order] = torch.arange(n)
+    counts = torch.clamp(step * torch.arange(k + 1), max=n)
+    return (rank[None] < counts[:, None]).view(k + 1, *p.shape)
+
+
+def gaussian_blur(x: torch.Tensor, size: int = 11, sigma: float = 5.0) -> torch.Tensor:
+    """Per-channel Gaussian blur with zero padding, as RISE's insertion substrate."""
+    r = torch.arange(size, dtype=x.dtype) - size // 2
+    g = torch.exp(-r ** 2 / (2 * sigma ** 2))
+    k2 = torch.outer(g, g) / torch.outer(g, g).sum()
+    c = x.shape[1]
+    return F.conv2d(x, k2.expand(c, 1, size, size), padding=size // 2, groups=c)
+
+
+def _probabilities(model: torch.nn.Module, x: torch.Tensor, target: int, batch_size: int) -> torch.Tensor:
+    """softmax(model(x))[:, target] in chunks of ``batch_size``."""
+    out = [model(x[i:i + batch_size]).softmax(1)[:, target] for i in range(0, len(x), batch_size)]
+    return torch.cat(out).to(torch.float64)
+
+
+def _check_maps(images: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    maps = maps[:, 0] if maps.dim() == 4 and maps.shape[1] == 1 else maps
+    if maps.dim() != 3 or maps.shape[0] != images.shape[0] or maps.shape[-2:] != images.shape[-2:]:
+        raise ValueError(f"maps of shape {tuple(maps.shape)} do not match images {tuple(images.shape)}. "
+                         "Hint: pass one (H, W) map per image at the image resolution "
+                         "(upsample with torch.nn.functional.interpolate).")
+    return maps
+
+
+def _substrates(images: torch.Tensor, protocol: Protocol, mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(insertion start, deletion end) per image: black (-mu/sigma) for both in "eccv_patch";
+    the blurred image and zeros in "rise"."""
+    if protocol == "rise":
+        return gaussian_blur(images), torch.zeros_like(images)
+    m = torch.as_tensor(mean, dtype=images.dtype).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=images.dtype).view(1, -1, 1, 1)
+    black = (-m / s).expand_as(images)
+    return black, black
+
+
+def insertion_deletion(model: torch.nn.Module, images: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor | Sequence[int] | None, *,
+                       protocol: Protocol = "eccv_patch", patch: int = 1, step: int | None = None,
+                       mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225),
+                       batch_size: int = 128) -> InsDelResult:
+    """Insertion and deletion AUCs of attribution maps (METHOD_SPEC §5.1).
+
+    ``"eccv_patch"`` (the ECCV 2024 code, exactly): P = max-pool of the map over p x p
+    patches; K = ceil(N/s) points; point i inserts every patch with P >= t_i (all ties at
+    once), t_i being the value of rank min(s(i+1), N-1), so there is no 0-patch point, the
+    last insertion point is the full image and the last deletion point the black image.
+    Removed pixels are black: x_raw * M normalised, i.e. -mu/sigma.
+
+    ``"rise"`` (Petsiuk et al. 2018): a stable per-entry order, K + 1 points from 0 to N
+    entries, insertion starts from the Gaussian-blurred image (kernel 11, sigma 5) and
+    deletion ends at zeros (in normalised space, as the RISE code does).
+
+    Args:
+        model: classifier on normalised images, returning logits (eval mode is the caller's).
+        images: normalised images (N, 3, H, W).
+        maps: one attribution map per image, (N, H, W) or (N, 1, H, W), at image resolution.
+        targets: class per image (the ground truth in the ECCV protocol); None takes the
+            model's prediction on the full image.
+        protocol: "eccv_patch" or "rise".
+        patch: side of the square patches ranked together (ECCV ``--block_size``).
+        step: patches per step; default ``default_step``: N/100 rounded for "eccv_patch"
+            (41 at 64 x 64, 502 at 224 x 224; pass 500 for the ECCV setting), the image
+            width for "rise" (224 at 224 x 224 as in the paper).
+        mean, std: the normalisation of ``images`` (defines black).
+        batch_size: forward passes per model call.
+
+    Returns:
+        An ``InsDelResult`` of per-image AUCs (float64) and curves.
+    """
+    maps = _check_maps(images, maps)
+    with torch.no_grad():
+        if targets is None:
+            targets = torch.cat([model(images[i:i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)])
+        targets = torch.as_tensor(targets).tolist()
+        ins_start, del_end = _substrates(images, protocol, mean, std)
+        pooled = patch_scores(maps.to(torch.float64), patch)
+        step = step or default_step(pooled[0].numel(), protocol, pooled.shape[-1])
+        ins, dels = [], []
+        for x, p, a, b, y in zip(images, pooled, ins_start, del_end, targets):
+            m = eccv_masks(p, step) if protocol == "eccv_patch" else rise_masks(p, step)
+            m = _upsample(m, patch, x.shape[-2:])[:, None].to(x.dtype)
+            batch = torch.cat([m * x + (1 - m) * a, (1 - m) * x + m * b])
+            probs = _probabilities(model, batch, int(y), batch_size)
+            ins.append(probs[:len(m)])
+            dels.append(probs[len(m):])
+    ins_c, del_c = torch.stack(ins), torch.stack(dels)
+    return InsDelResult(auc(ins_c), auc(del_c), ins_c, del_c, step)
+
+
+# ------------------------------------------------------------------ localisation
+def pool_channels(relevance: torch.Tensor, pooling: Pooling = "sum,pos") -> torch.Tensor:
+    """Pool (N, C, H, W) relevance into a non-negative (N, H, W) map (CLEVR-XAI poolings).
+
+    "sum,pos": max(sum_c R, 0) (lrpfx's default); "sum,abs": |sum_c R|; "max-norm":
+    max_c |R|; "l1-norm": sum_c |R|; "l2-norm": sqrt(sum_c R^2); "l2-norm,sq": sum_c R^2.
+    A (N, H, W) map is treated as one channel.
+    """
+    r = relevance[:, None] if relevance.dim() == 3 else relevance
+    if pooling == "sum,pos":
+        return r.sum(1).clamp(min=0)
+    if pooling == "sum,abs":
+        return r.sum(1).abs()
+    if pooling == "max-norm":
+        return r.abs().amax(1)
+    if pooling == "l1-norm":
+        return r.abs().sum(1)
+    if pooling == "l2-norm":
+        return r.pow(2).sum(1).sqrt()
+    if pooling == "l2-norm,sq":
+        return r.pow(2).sum(1)
+    raise ValueError(f"unknown pooling {pooling!r}. Hint: use one of sum,pos sum,abs max-norm l1-norm l2-norm l2-norm,sq.")
+
+
+def _check_masks(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    if masks.shape != maps.shape:
+        raise ValueError(f"masks of shape {tuple(masks.shape)} do not match pooled maps {tuple(maps.shape)}. "
+                         "Hint: pass one bool (H, W) mask per map at the map's resolution.")
+    return masks.to(torch.bool)
+
+
+def relevance_mass_accuracy(relevance: torch.Tensor, masks: torch.Tensor, pooling: Pooling = "sum,pos") -> torch.Tensor:
+    """RMA = sum of the pooled map inside the mask / its total, per image (NaN when the total is 0)."""
+    r = pool_channels(relevance, pooling).to(torch.float64)
+    m = _check_masks(r, masks)
+    inside = (r * m).flatten(1).sum(1)
+    total = r.flatten(1).sum(1)
+    return torch.where(total > 0, inside / total.where(total > 0, torch.ones_like(total)), torch.nan)
+
+
+def relevance_rank_accuracy(relevance: torch.Tensor, masks: torch.Tensor, pooling: Pooling = "sum,pos") -> torch.Tensor:
+    """RRA = |top-K pixels of the pooled map, K = |mask|, inside the mask| / K, per image.
+
+    The ranking is a stable descending sort (ties go to the lower raster index); NaN for an
+    empty mask.
+    """
+    r = pool_channels(relevance, pooling)
+    m = _check_masks(r, masks).flatten(1)
+    order = torch.sort(r.flatten(1), dim=1, descending=True, stable=True).indices
+    k = m.sum(1)
+    ranked_in = m.gather(1, order)
+    top = torch.arange(m.shape[1])[None] < k[:, None]
+    hits = (ranked_in & top).sum(1).to(torch.float64)
+    return torch.where(k > 0, hits / k.clamp(min=1), torch.nan)
+
+
+def pointing_game(maps: torch.Tensor, masks: torch.Tensor, tolerance: float = 15) -> torch.Tensor:
+    """Hits of the pointing game (Zhang et al. 2018), per image (bool).
+
+    A hit: the map's maximum (the first in raster order; the map is bilinearly upsampled to
+    the mask size first) lies within ``tolerance`` pixels (Euclidean) of a mask pixel. An
+    empty mask is a miss. Accuracy = hits.float().mean().
+    """
+    maps = maps[:, 0] if maps.dim() == 4 else maps
+    if maps.shape[-2:] != masks.shape[-2:]:
+        maps = F.interpolate(maps[:, None].float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    w = maps.shape[-1]
+    peak = maps.flatten(1).argmax(1)
+    hits = []
+    for pk, mask in zip(peak.tolist(), masks.to(torch.bool)):
+        yx = mask.nonzero().to(torch.float64)
+        d2 = (yx[:, 0] - pk // w) ** 2 + (yx[:, 1] - pk % w) ** 2
+        hits.append(bool(len(yx)) and bool(d2.min() <= tolerance ** 2))
+    return torch.tensor(hits)
+
+
+def attended_mask(maps: torch.Tensor) -> torch.Tensor:
+    """The attended set of §5.4 when no C3 mask is given: R+ > mean(R+) per image."""
+    pos = maps.clamp(min=0)
+    return pos > pos.flatten(1).mean(1).view(-1, *([1] * (pos.dim() - 1)))
+
+
+def attended_iou(maps: torch.Tensor, masks: torch.Tensor, attended: torch.Tensor | None = None) -> torch.Tensor:
+    """IoU of the attended set (``attended`` or R+ > mean(R+)) with the mask; NaN if both are empty."""
+    a = attended_mask(maps) if attended is None else attended.to(torch.bool)
+    m = _check_masks(a, masks)
+    inter = (a & m).flatten(1).sum(1).to(torch.float64)
+    union = (a | m).flatten(1).sum(1).to(torch.float64)
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.nan)
+
+
+# ------------------------------------------------------------------ error types
+@dataclass(frozen=True)
+class AttentionStats:
+    """Per-image statistics of §5.4: precision P, coverage C, area ratio rho, mass m (RMA of R+)."""
+
+    precision: torch.Tensor
+    coverage: torch.Tensor
+    area_ratio: torch.Tensor
+    mass: torch.Tensor
+    attended_pixels: torch.Tensor
+
+
+def attention_stats(maps: torch.Tensor, masks: torch.Tensor, attended: torch.Tensor | None = None) -> AttentionStats:
+    """P = |A & M| / |A|, C = |A & M| / |M|, rho = |A| / |M|, m = RMA(R+); P is NaN for an empty A."""
+    a = attended_mask(maps) if attended is None else attended.to(torch.bool)
+    m = _check_masks(a, masks)
+    if (m.flatten(1).sum(1) == 0).any():
+        raise ValueError("a ground-truth mask is empty, so coverage is undefined. "
+                         "Hint: drop images without an object before computing error types.")
+    na = a.flatten(1).sum(1).to(torch.float64)
+    nm = m.flatten(1).sum(1).to(torch.float64)
+    inter = (a & m).flatten(1).sum(1).to(torch.float64)
+    precision = torch.where(na > 0, inter / na.clamp(min=1), torch.nan)
+    return AttentionStats(precision, inter / nm, na / nm, relevance_mass_accuracy(maps, m), na)
+
+
+def classify_error(precision: float, coverage: float, *, p0: float = 0.5, c0: float = 0.5) -> ErrorType:
+    """One label from precision and coverage: OK (C >= c0, P >= p0), IA (P >= p0, C < c0),
+    OA (C >= c0, P < p0), WA (both below)."""
+    if precision >= p0:
+        return "OK" if coverage >= c0 else "IA"
+    return "OA" if coverage >= c0 else "WA"
+
+
+def error_type(maps: torch.Tensor, masks: torch.Tensor, attended: torch.Tensor | None = None, *,
+               p0: float = 0.5, c0: float = 0.5, use_mass: bool = False) -> list[ErrorType]:
+    """Operational error types of METHOD_SPEC §5.4, one per image.
+
+    Args:
+        maps: relevance maps (N, H, W); R+ gives the mass m = RMA(R+) and, without
+            ``attended``, the attended set R+ > mean(R+).
+        masks: ground-truth object masks (N, H, W), non-empty.
+        attended: the attended set A (e.g. a C3 mask at image resolution), optional.
+        p0, c0: thresholds on precision and coverage.
+        use_mass: use the mass m in place of the precision P (when A is ill-defined).
+
+    Returns:
+        "OK", "IA" (on the object, too small), "OA" (covers it and spills over) or "WA"
+        (mostly off the object) per image. An empty A is IA if m >= p0, else WA.
+    """
+    s = attention_stats(maps, masks, attended)
+    labels: list[ErrorType] = []
+    for p, c, m, n in zip(s.precision.tolist(), s.coverage.tolist(), s.mass.tolist(), s.attended_pixels.tolist()):
+        if n == 0:
+            labels.append("IA" if m >= p0 else "WA")  # NaN mass (an all-zero map) compares False: WA
+        else:
+            labels.append(classify_error(m if use_mass else p, c, p0=p0, c0=c0))
+    return labels
