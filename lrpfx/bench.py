@@ -1,0 +1,261 @@
+"""Speed and memory of lrpfx against its peers, measured side by side: ``python -m lrpfx.bench``.
+
+Every method explains the same batch for the same targets, in one process, interleaved
+(round r runs every method once), after warm-up; the table reports medians over rounds and
+the ratio to the *floor*: one forward plus the Input x Gradient backward with frozen
+parameters, the least an LRP implementation built on the gradient can cost. Peak memory is
+measured per method in a fresh subprocess: the peak resident set (VmHWM, reset after
+loading) minus the resident set after loading.
+
+Machines here are shared and noisy: compare ratios from one run, not times across runs.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torchvision
+
+import lrpfx
+
+LRPFX_RULES = ("lrp0", "epsilon_plus_flat", "epsilon_gamma_box", "c3_lrp")
+PEERS = ("zennit:EpsilonPlusFlat", "zennit:EpsilonGammaBox", "captum:LRP")
+
+
+def build_model(arch: str, device: str, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = torchvision.models.get_model(arch, weights=None).eval().to(device, dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)  # frozen parameters: every method's fast path
+    return model
+
+
+def _floor(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callable[[], Any]:
+    def run() -> torch.Tensor:
+        xg = x.detach().requires_grad_(True)
+        out = model(xg)
+        grad, = torch.autograd.grad(out.gather(1, target[:, None]).sum(), xg)
+        return xg * grad
+    return run
+
+
+def _forward(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callable[[], Any]:
+    def run() -> torch.Tensor:
+        with torch.inference_mode():
+            return model(x)
+    return run
+
+
+def _lrpfx(rules: str, compiled: bool = False, c3: bool = False) -> Callable[..., Callable[[], Any]]:
+    def make(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callable[[], Any]:
+        kwargs = {"c3": True} if c3 else {}
+        explainer = lrpfx.compile(model, rules, **kwargs)
+        fn = torch.compile(explainer, fullgraph=True) if compiled else explainer
+
+        def run() -> Any:
+            with torch.inference_mode():
+                return fn(x, target)
+        return run
+    return make
+
+
+def _zennit(name: str) -> Callable[..., Callable[[], Any]]:
+    def make(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callable[[], Any]:
+        from zennit.attribution import Gradient
+        from zennit.composites import EpsilonGammaBox, EpsilonPlusFlat
+        from zennit.torchvision import ResNetCanonizer
+        m = copy.deepcopy(model)
+        canon = [ResNetCanonizer()]
+        composite = (EpsilonPlusFlat(canonizers=canon) if name == "EpsilonPlusFlat" else
+                     EpsilonGammaBox(low=-3.0, high=3.0, canonizers=canon))
+        attributor = Gradient(model=m, composite=composite)
+        attributor.__enter__()
+        with torch.no_grad():  # the same output relevance as lrpfx: the target logit
+            onehot = torch.nn.functional.one_hot(target, 1000).to(x.dtype) * model(x)
+
+        def run() -> torch.Tensor:
+            return attributor(x, onehot)[1]
+        return run
+    return make
+
+
+def _captum(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callable[[], Any]:
+    from captum.attr import LRP
+    lrp = LRP(copy.deepcopy(model))
+
+    def run() -> torch.Tensor:
+        return lrp.attribute(x, target=target)
+    return run
+
+
+def methods(compiled: bool, c3: bool) -> dict[str, Callable[..., Callable[[], Any]]]:
+    out: dict[str, Callable[..., Callable[[], Any]]] = {"forward": _forward, "floor": _floor}
+    out.update({f"lrpfx:{r}": _lrpfx(r) for r in LRPFX_RULES})
+    if c3:
+        out["lrpfx:c3_lrp+C3"] = _lrpfx("c3_lrp", c3=True)
+    if compiled:
+        out["lrpfx:c3_lrp (torch.compile)"] = _lrpfx("c3_lrp", compiled=True)
+        out["lrpfx:epsilon_plus_flat (torch.compile)"] = _lrpfx("epsilon_plus_flat", compiled=True)
+    out["zennit:EpsilonPlusFlat"] = _zennit("EpsilonPlusFlat")
+    out["zennit:EpsilonGammaBox"] = _zennit("EpsilonGammaBox")
+    out["captum:LRP"] = _captum
+    return out
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_methods(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    model = build_model(args.arch, args.device, getattr(torch, args.dtype))
+    x = torch.randn(args.batch, 3, args.size, args.size, device=args.device, dtype=getattr(torch, args.dtype))
+    target = model(x).argmax(1)
+    runs: dict[str, Callable[[], Any]] = {}
+    notes: dict[str, str] = {}
+    for name, make in methods(args.compile, _has_c3()).items():
+        if args.only and name not in args.only:
+            continue
+        try:
+            runs[name] = make(model, x, target)
+            result = runs[name]()
+            notes[name] = _check(name, result, model, x, target)
+            for _ in range(args.warmup):
+                runs[name]()
+        except Exception as e:  # a peer that fails is reported, not hidden
+            runs.pop(name, None)
+            notes[name] = f"failed: {type(e).__name__}: {str(e)[:120]}"
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(args.rounds):
+        for name, run in runs.items():
+            _sync(args.device)
+            t0 = time.perf_counter()
+            run()
+            _sync(args.device)
+            times[name].append(time.perf_counter() - t0)
+    floor = statistics.median(times["floor"]) if "floor" in times else float("nan")
+    table = {}
+    for name in notes:
+        med = statistics.median(times[name]) if name in times else float("nan")
+        table[name] = {"ms": med * 1e3, "images_per_s": args.batch / med if name in times else float("nan"),
+                       "ratio_to_floor": med / floor, "note": notes[name]}
+    return table
+
+
+def _has_c3() -> bool:
+    try:
+        import inspect as _inspect
+        return "c3" in _inspect.signature(lrpfx.compile).parameters
+    except Exception:
+        return False
+
+
+def _check(name: str, result: Any, model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> str:
+    """A one-line sanity note: does the relevance sum to something near the target logit?"""
+    if name in ("forward", "floor"):
+        return ""
+    rel = result[0] if isinstance(result, tuple) else result
+    with torch.no_grad():
+        logit = model(x).gather(1, target[:, None]).squeeze(1).double()
+    ratio = (rel.detach().double().flatten(1).sum(1) / logit).abs().max().item()
+    note = f"max |sum R / logit| = {ratio:.3g}"
+    if name.startswith("captum") and (ratio > 10 or ratio != ratio):
+        note += " (WRONG: captum's LRP has no rule for the residual sum)"
+    return note
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
+
+
+def memory_child(args: argparse.Namespace) -> None:
+    """Run one method once in this (fresh) process and print its peak extra memory in MB."""
+    model = build_model(args.arch, "cpu", getattr(torch, args.dtype))
+    x = torch.randn(args.batch, 3, args.size, args.size, dtype=getattr(torch, args.dtype))
+    target = model(x).argmax(1)
+    run = methods(args.compile, _has_c3())[args.memory_of](model, x, target)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident set
+    base = _rss_kb("VmRSS")
+    run()
+    print(json.dumps({"extra_mb": (_rss_kb("VmHWM") - base) / 1024}))
+
+
+def measure_memory(args: argparse.Namespace, names: list[str]) -> dict[str, float]:
+    out = {}
+    for name in names:
+        cmd = [sys.executable, "-m", "lrpfx.bench", "--memory-of", name, "--arch", args.arch, "--batch",
+               str(args.batch), "--size", str(args.size), "--threads", str(args.threads), "--dtype", args.dtype]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        try:
+            out[name] = json.loads(proc.stdout.strip().splitlines()[-1])["extra_mb"]
+        except Exception:
+            out[name] = float("nan")
+    return out
+
+
+def compile_time(arch: str = "resnet152", rules: str = "c3_lrp") -> float:
+    model = torchvision.models.get_model(arch, weights=None).eval()
+    t0 = time.perf_counter()
+    lrpfx.compile(model, rules)
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m lrpfx.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="resnet50")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--compile", action="store_true", help="also time lrpfx under torch.compile")
+    p.add_argument("--memory", action="store_true", help="measure peak memory per method (subprocesses, CPU)")
+    p.add_argument("--only", nargs="*", help="method names to run (default: all)")
+    p.add_argument("--json", help="write the results to this file")
+    p.add_argument("--memory-of", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.memory_of:
+        memory_child(args)
+        return 0
+    table = time_methods(args)
+    if args.memory:
+        mem = measure_memory(args, [k for k in table if k != "forward" and table[k]["ms"] == table[k]["ms"]])
+        floor_mb = mem.get("floor", float("nan"))
+        for k, v in mem.items():
+            table[k]["extra_mb"] = v
+            table[k]["memory_ratio_to_floor"] = v / floor_mb
+    result = {"config": {k: v for k, v in vars(args).items() if k != "memory_of"},
+              "torch": torch.__version__, "cpu_count": os.cpu_count(),
+              "compile_resnet152_s": compile_time(), "methods": table}
+    print(f"{args.arch}, batch {args.batch}, {args.size}x{args.size}, {args.threads} threads, {args.device}, "
+          f"{args.dtype}, median of {args.rounds} interleaved rounds")
+    print(f"{'method':42s} {'ms/batch':>9s} {'img/s':>7s} {'x floor':>8s} {'extra MB':>9s} {'mem x floor':>11s}  note")
+    for k, v in table.items():
+        print(f"{k:42s} {v['ms']:9.0f} {v['images_per_s']:7.1f} {v['ratio_to_floor']:8.2f} "
+              f"{v.get('extra_mb', float('nan')):9.0f} {v.get('memory_ratio_to_floor', float('nan')):11.2f}  {v['note']}")
+    print(f"compile resnet152 (trace to emitted module): {result['compile_resnet152_s']:.2f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
