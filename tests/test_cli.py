@@ -1,0 +1,134 @@
+"""The lrpfx command, driven through its main function and in subprocesses."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from lrpfx import cli
+from lrpfx.loading import LoadError, load_weights
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("w") / "resnet18.pt"
+    torch.save(torchvision.models.resnet18(weights=None, num_classes=1000).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    (root / "sub").mkdir()
+    for i in range(5):
+        mode = ("RGB", "L", "RGBA")[i % 3]  # grayscale and RGBA are converted
+        shape = (40, 48, 4) if mode == "RGBA" else (40, 48) if mode == "L" else (40, 48, 3)
+        img = Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode)
+        img.save(root / ("sub" if i >= 3 else ".") / f"img{i}.png")
+    return root
+
+
+def _explain(images: Path, weights: Path, out: Path, *extra: str) -> int:
+    return cli.main(["explain", str(images), "--model", "torchvision:resnet18", "--weights", str(weights),
+                     "--out", str(out), "--size", "32", "--batch-size", "2", "--workers", "0", "--quiet", *extra])
+
+
+def test_explain_writes_every_output_and_resumes(images: Path, weights: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert _explain(images, weights, out) == 0
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 5 and {"predicted", "target", "logit", "relevance_sum"} <= set(records[0])
+    for stem in ("img0", "img1", "img2", "sub/img3", "sub/img4"):
+        assert np.load(out / f"{stem}.relevance.npy").shape == (3, 32, 32)
+        assert (out / f"{stem}.overlay.png").stat().st_size > 0
+    assert not list(out.rglob(".*.tmp*"))  # atomic writes leave no temporaries
+    stamp = (out / "img0.json").stat().st_mtime_ns
+    (out / "img1.json").unlink()  # as if a run was killed before img1 finished
+    assert _explain(images, weights, out) == 0
+    assert (out / "img0.json").stat().st_mtime_ns == stamp and (out / "img1.json").exists()
+
+
+def test_explain_target_and_rules(images: Path, weights: Path, tmp_path: Path) -> None:
+    assert _explain(images, weights, tmp_path, "--target", "7", "--rules", "lrp0") == 0
+    assert {json.loads(x)["target"] for x in (tmp_path / "results.jsonl").read_text().splitlines()} == {7}
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["explain", "nowhere/", "--model", "torchvision:resnet18"], "nowhere/: no such file or directory"),
+    (["explain", "{images}", "--model", "torchvision:resnet1800"], "torchvision has no model 'resnet1800'"),
+    (["explain", "{images}", "--model", "keras:resnet"], "unknown model spec 'keras:resnet'"),
+    (["explain", "{images}", "--model", "torchvision:resnet18", "--rules", "nope"], "unknown rule set 'nope'"),
+    (["inspect", "torchvision:resnet18", "--weights", "missing.pt"], "weights file 'missing.pt' does not exist"),
+])
+def test_user_errors_are_one_line_with_exit_code_2(images: Path, capsys: pytest.CaptureFixture, argv: list[str],
+                                                   message: str) -> None:
+    argv = [a.replace("{images}", str(images)) for a in argv]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lrpfx: error: ") and message in err and "\n" not in err
+
+
+class _Payload:
+    def __reduce__(self):  # a pickle that runs code when loaded
+        return (os.system, ("echo pwned",))
+
+
+def test_code_carrying_pickle_is_refused_by_default(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pt"
+    torch.save({"weight": torch.zeros(1), "x": _Payload()}, path)
+    with pytest.raises(LoadError, match=r"refusing to unpickle .*--trust-pickle"):
+        load_weights(path)
+
+
+def test_inspect_and_export(weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["inspect", "torchvision:resnet18", "--rules", "c3_lrp"]) == 0
+    assert "basic_block" in capsys.readouterr().out
+    out = tmp_path / "r18.onnx"
+    assert cli.main(["export", "torchvision:resnet18", "--weights", str(weights), "--format", "onnx",
+                     "--out", str(out), "--size", "32"]) == 0
+    assert out.stat().st_size > 1000
+
+
+def test_user_model_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    file = tmp_path / "mynet.py"
+    file.write_text("import torch.nn as nn\n"
+                    "def make():\n"
+                    "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),"
+                    " nn.Linear(4, 2))\n")
+    assert cli.main(["inspect", f"{file}:make", "--rules", "lrp0"]) == 0
+    assert "AdaptiveAvgPool2d" in capsys.readouterr().out
+
+
+def test_help_of_every_command() -> None:
+    for command in ("demo", "explain", "inspect", "export"):
+        proc = subprocess.run([sys.executable, "-m", "lrpfx.cli", command, "--help"], capture_output=True, text=True)
+        assert proc.returncode == 0 and "usage: lrpfx" in proc.stdout
+
+
+def test_torchrun_shards_and_union_equals_single_process(images: Path, weights: Path, tmp_path: Path) -> None:
+    single = tmp_path / "single"
+    assert _explain(images, weights, single) == 0
+    sharded = tmp_path / "sharded"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+           "-m", "lrpfx.cli", "explain", str(images), "--model", "torchvision:resnet18", "--weights", str(weights),
+           "--out", str(sharded), "--size", "32", "--batch-size", "2", "--workers", "0", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a = [json.loads(x) for x in (single / "results.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (sharded / "results.jsonl").read_text().splitlines()]
+    assert [r["image"] for r in a] == [r["image"] for r in b]
+    assert all(abs(x["relevance_sum"] - y["relevance_sum"]) <= 1e-4 * (1 + abs(x["relevance_sum"]))
+               for x, y in zip(a, b))
+    for f in single.rglob("*.relevance.npy"):
+        assert np.allclose(np.load(f), np.load(sharded / f.relative_to(single)), atol=1e-5)
