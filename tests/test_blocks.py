@@ -321,3 +321,29 @@ def test_eccv2024_matches_independent_reference(batchnorm: str) -> None:
     # conservation: the map sums to p(predicted class) (paper Fig. 5), up to the 1e-5 stabilizers
     assert torch.allclose(relevance.sum((1, 2, 3)), logits.softmax(1).max(1).values, rtol=1e-3)
     assert (relevance >= 0).all()
+
+
+@pytest.mark.parametrize("inner", ["eccv", "dense_eps"])
+def test_renorm_conserves_every_block(inner: str) -> None:  # METHOD_SPEC §2 C
+    from lrpfx.rules import Renormalize
+    model = tv_model("resnet50")
+    x = torch.rand(2, 3, 64, 64, dtype=torch.float64)
+    rule = Renormalize(inner=inner, split="symmetric", identity_skip=False)
+    explainer = lrpfx.compile(model, "c3_lrp", bindings={"bottleneck": rule})
+    leaks = block_leaks(explainer, x)
+    # conserving up to the stabilizer: lambda = eps / (sum R_x + eps), here ~3e-7
+    assert len(leaks) == 16 and all(v.abs().max() < 1e-5 for v in leaks.values())
+    with pytest.raises(lrpfx.RuleSetError, match="inner='nope'"):
+        lrpfx.compile(model, "c3_lrp", bindings={"bottleneck": Renormalize(inner="nope")})(x)
+
+
+def test_avg_substitute_routes_like_avgpool2d() -> None:
+    """The ECCV release's max-pool rule: R_j = a_j / sum_{2x2 window} a * R_k (windows of AvgPool2d(2))."""
+    from lrpfx.rules import AvgSubstitute
+    a = torch.rand(1, 2, 8, 8, dtype=torch.float64)
+    pooled = F.max_pool2d(a, 3, 2, 1)
+    r = torch.rand_like(pooled)
+    ours = AvgSubstitute(stabilizer=0.0).apply(Op("maxpool", "m", [a], pooled, r))[0].evaluate()
+    window_sums = F.avg_pool2d(a, 2) * 4
+    expected = a * F.interpolate(r / window_sums, scale_factor=2, mode="nearest")
+    assert torch.allclose(ours, expected, rtol=1e-12)
