@@ -98,7 +98,7 @@ def _dist() -> tuple[int, int]:
         return 0, 1
     import torch.distributed as dist
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() and os.environ.get("LRPFX_NCCL") else "gloo")
+        dist.init_process_group("gloo")  # the only collective is a barrier: gloo serves CPU and GPU jobs
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -120,6 +120,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     out = Path(args.out)
     todo = [i for i, (_, rel) in enumerate(files) if not _outputs(out, rel)["json"].exists()]
     device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None and world > 1:  # one GPU per torchrun process
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     explainer = lrpfx.compile(loaded.model, args.rules, **({"c3": True} if args.c3 else {})).to(device)
     dataset = torch.utils.data.Subset(ImageFiles(files, size, mean, std), todo)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
