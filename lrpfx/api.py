@@ -14,7 +14,7 @@ import torch.fx as fx
 
 from lrpfx.canonicalize import canonicalize
 from lrpfx.emit import emit
-from lrpfx.errors import UnmatchedNodeError
+from lrpfx.errors import RuleSetError, UnmatchedNodeError
 from lrpfx.match import Plan, plan
 from lrpfx.patterns import describe
 from lrpfx.rules import Rule
@@ -47,7 +47,7 @@ def inspect(model: torch.nn.Module, rules: RulesArg = "epsilon_plus_flat", *,
 
 def compile(model: torch.nn.Module, rules: RulesArg = "epsilon_plus_flat", *,
             top: str | None = None, bindings: Mapping[str, Rule] | None = None,
-            leaf_modules: Iterable[LeafSpec] = ()) -> fx.GraphModule:
+            leaf_modules: Iterable[LeafSpec] = (), c3: bool | Mapping[str, Any] = False) -> fx.GraphModule:
     """Compile ``model`` into a relevance network.
 
     Args:
@@ -57,10 +57,14 @@ def compile(model: torch.nn.Module, rules: RulesArg = "epsilon_plus_flat", *,
         top: ``"logit"`` (default of most rule sets) or ``"softmax"``: what the output relevance is.
         bindings: extra ``{pattern: rule}`` bindings that win over the rule set's own.
         leaf_modules: module types or qualified names that fx should not trace into.
+        c3: append the C3 stage (tensor-native, exportable): ``True`` with the rule set's
+            ``[c3]`` options (or the defaults of :class:`lrpfx.postprocess.C3Config`), or a
+            mapping of options that override them.
 
     Returns:
-        An ``fx.GraphModule`` whose ``forward(x, target=None)`` returns ``(relevance, logits)``;
-        ``relevance`` has ``x``'s shape. ``print(explainer.code)`` shows the generated forward.
+        An ``fx.GraphModule`` whose ``forward(x, target=None)`` returns ``(relevance, logits)``,
+        or ``(relevance, logits, c3_map, c3_mask)`` with ``c3``; ``relevance`` has ``x``'s
+        shape, the C3 map and mask are (N, H, W). ``print(explainer.code)`` shows the forward.
 
     Raises:
         TrainModeError, TraceError, RuleSetError, UnmatchedNodeError: with the node and a hint.
@@ -70,7 +74,21 @@ def compile(model: torch.nn.Module, rules: RulesArg = "epsilon_plus_flat", *,
         p.ruleset = dataclasses.replace(p.ruleset, top=top)
     if p.unmatched:
         raise unmatched_error(p)
-    return emit(p)
+    return emit(p, _c3_stage(p.ruleset, c3))
+
+
+def _c3_stage(rs: RuleSet, c3: bool | Mapping[str, Any]) -> list[tuple[Any, dict[str, Any], tuple[str, ...]]]:
+    """The post-processing stages: the tensor-native C3 with validated options, or none."""
+    if c3 is False or c3 is None:
+        return []
+    from lrpfx.postprocess import C3Config, c3_tensor
+    options = {**rs.c3, **(dict(c3) if isinstance(c3, Mapping) else {})}
+    try:
+        C3Config(**options)  # validate now, with a clear message, not at the first call
+    except TypeError as e:
+        raise RuleSetError(f"C3 options {sorted(options)}: {e}. Hint: see lrpfx.postprocess.C3Config.") from None
+    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in options.items()}
+    return [(c3_tensor, kwargs, ("c3_map", "c3_mask"))]
 
 
 def unmatched_error(p: Plan) -> UnmatchedNodeError:

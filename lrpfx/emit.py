@@ -18,6 +18,7 @@ import torch.nn as nn
 from lrpfx import kernels
 from lrpfx.errors import LrpfxError
 from lrpfx.match import Plan, relevance_inputs
+from lrpfx.patterns import gate_operands
 from lrpfx.rules import Call, Op
 
 
@@ -31,7 +32,7 @@ class Emitter:
         self.env: dict[fx.Node, fx.Node] = {}
         self.shares: dict[fx.Node, list[tuple[str, fx.Node]]] = {}
         self._made: dict[int, fx.Node] = {}  # Call objects shared within one rule application
-        pathset = set(plan.path)
+        self.pathset = pathset = set(plan.path)
         self.rel_inputs = {n: relevance_inputs(n, plan.kinds.get(n), pathset) for n in plan.path}
         self.nonneg = self._nonneg()
         self.n_rel_users = {n: 0 for n in plan.path}
@@ -175,6 +176,10 @@ class Emitter:
                 nonneg=[self.nonneg.get(i, False) for i in ins])
         if n.op == "call_module":
             self._module_facts(op, n, self.gm.get_submodule(n.target))
+        elif kind == "cat":  # the parts that take relevance, by position (cat([x, x]) gives x two shares)
+            parts = list(n.args[0])
+            op.attrs.update({"parts": [self.env[p] for p in parts], "dim": n.args[1],
+                             "index": [k for k, p in enumerate(parts) if p in self.pathset]})
         if n in self.rectified:
             op.attrs["z_rectified"] = True
         return op
@@ -187,6 +192,10 @@ class Emitter:
         convs = b.chain("conv")
         op.params = {"weights": [self.param(c, "weight") for c in convs],
                      "skip_weight": None if skip is None else self.param(skip, "weight")}
+        gate = b.roles.get("gate")
+        pool = b.roles.get("skip_pool")
+        op.attrs["gate"] = None if gate is None else self.env[gate_operands(gate)[1]]  # type: ignore[index]
+        op.attrs["skip_pool"] = None if pool is None else _pool_spec(pool, self.gm.get_submodule(pool.target))
         geo = [_geometry_tuple(c, self.gm.get_submodule(c.target)) for c in convs]
         op.attrs.update({
             "acts": [self.env[r] for r in b.chain("relu")], "h_main": self.env[b.main_end],
@@ -210,30 +219,34 @@ class Emitter:
         elif op.kind == "batchnorm":
             op.params = {"running_var": self.param(n, "running_var"), "weight": self.param(n, "weight")}
             op.attrs["bn_eps"] = float(m.eps)
-        elif op.kind not in ("maxpool", "avgpool", "adaptive_avgpool"):  # a user's op: hand over the module
+        elif op.kind == "maxpool" and isinstance(m, nn.AdaptiveMaxPool2d):
+            op.attrs["output_size"] = _pair(m.output_size)
+        elif op.kind == "maxpool":
+            op.attrs.update({k: _pair(getattr(m, k) if getattr(m, k) is not None else m.kernel_size)
+                             for k in ("kernel_size", "stride", "padding", "dilation")})
+            op.attrs["ceil_mode"] = bool(m.ceil_mode)
+        elif op.kind == "avgpool":
+            kernel, stride, padding, ceil_mode, count_include_pad, divisor = _pool_spec(n, m)
+            op.attrs.update({"kernel_size": kernel, "stride": stride, "padding": padding, "ceil_mode": ceil_mode,
+                             "count_include_pad": count_include_pad, "divisor_override": divisor})
+        elif op.kind != "adaptive_avgpool":  # a user's op: hand over the module
             op.attrs["module"] = m
             names = [k for k, _ in m.named_parameters(recurse=False)] + [k for k, _ in m.named_buffers(recurse=False)]
             op.params = {k: self.param(n, k) for k in names}
-        elif op.kind in ("maxpool", "avgpool"):
-            for k in ("kernel_size", "stride", "padding", "dilation"):
-                if hasattr(m, k):
-                    op.attrs[k] = _pair(getattr(m, k) if getattr(m, k) is not None else m.kernel_size)
-            op.attrs["ceil_mode"] = bool(m.ceil_mode)
-            op.attrs["count_include_pad"] = bool(getattr(m, "count_include_pad", True))
-            if op.kind == "avgpool" and (m.ceil_mode or getattr(m, "divisor_override", None)):
-                raise LrpfxError(f"node {n.name!r}: AvgPool2d with ceil_mode or divisor_override is not supported. "
-                                 "Hint: register a rule for it, or mark its parent as a leaf module.")
 
     def _nonneg(self) -> dict[fx.Node, bool]:
-        """Values proven non-negative at compile time (ReLU outputs, pools/sums/reshapes of them)."""
+        """Values proven non-negative at compile time (ReLU/ReLU6 outputs, pools/sums/reshapes/gates of them)."""
         out: dict[fx.Node, bool] = {}
         for n in self.plan.path:
             kind = self.plan.kinds.get(n)
             ins = self.rel_inputs.get(n, [])
-            if kind == "relu":
+            if kind == "relu" or (kind == "hardtanh" and n.args[1] >= 0):
                 out[n] = True
-            elif kind in ("maxpool", "avgpool", "adaptive_avgpool", "reshape", "add") and ins:
-                out[n] = all(out.get(i, False) for i in ins)
+            elif kind == "cat":  # every part, on the path or not, must be >= 0
+                out[n] = all(out.get(i, False) for i in n.args[0])
+            elif kind in ("maxpool", "avgpool", "adaptive_avgpool", "reshape", "add",
+                          "gate") and ins:
+                out[n] = all(out.get(i, False) for i in ins)  # a gate (sigmoid, hard-sigmoid) is >= 0
             else:
                 out[n] = False
         return out
@@ -250,6 +263,13 @@ class Emitter:
 
 def _pair(v: Any) -> tuple[int, ...]:
     return tuple(v) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+def _pool_spec(n: fx.Node, m: nn.Module) -> tuple[Any, ...]:
+    """An AvgPool2d's (kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)."""
+    kernel = _pair(m.kernel_size)
+    stride = _pair(m.stride) if m.stride is not None else kernel
+    return (kernel, stride, _pair(m.padding), bool(m.ceil_mode), bool(m.count_include_pad), m.divisor_override)
 
 
 def _conv_geometry(n: fx.Node, m: nn.Module) -> dict[str, Any]:
@@ -275,21 +295,23 @@ def _geometry_tuple(n: fx.Node, m: nn.Module) -> tuple[tuple[int, ...], tuple[in
     return g["stride"], g["padding"], g["dilation"], g["groups"]
 
 
-def emit(plan: Plan, postprocess: list[tuple[Any, dict[str, Any]]] | None = None) -> fx.GraphModule:
+def emit(plan: Plan, postprocess: list[tuple[Any, dict[str, Any], tuple[str, ...]]] | None = None) -> fx.GraphModule:
     """The explainer module for ``plan``: ``forward(x, target=None) -> (relevance, logits, ...)``.
 
     Args:
         plan: a plan with no unmatched node.
-        postprocess: ``(function, kwargs)`` stages applied to the input relevance; each
-            returns a tensor or a tuple of tensors, appended to the outputs.
+        postprocess: ``(function, kwargs, names)`` stages applied to the input relevance; each
+            returns a tuple of tensors, appended to the outputs under ``names``.
     """
     e = Emitter(plan)
     target, logits = e.forward_replay()
-    rel_x = e.relevance(target, logits)
+    rel_x = e.graph.create_node("call_function", kernels.check_relevance, (e.relevance(target, logits),),
+                                name="relevance")
     outputs: list[fx.Node] = [rel_x, logits]
-    for fn, kwargs in postprocess or []:
+    for fn, kwargs, names in postprocess or []:
         res = e.graph.call_function(fn, (rel_x,), kwargs)
-        outputs.extend(e.graph.call_function(operator.getitem, (res, i)) for i in range(2))
+        for i, name in enumerate(names):
+            outputs.append(e.graph.create_node("call_function", operator.getitem, (res, i), name=name))
     e.graph.output(tuple(outputs))
     gm = fx.GraphModule(plan.gm, e.graph, class_name="RelevanceNetwork")
     # drop get_attr nodes a rule did not use (e.g. the bias under z+ on the flat first layer)

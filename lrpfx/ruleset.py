@@ -50,6 +50,7 @@ class RuleSet:
     top: str = "logit"
     description: str = ""
     options: Mapping[str, Any] = field(default_factory=dict)
+    c3: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.top not in _TOP_MODES:
@@ -101,16 +102,17 @@ class RuleSet:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> RuleSet:
         """Build a rule set from parsed TOML."""
-        unknown = set(data) - {"name", "description", "top", "bind", "options"}
+        unknown = set(data) - {"name", "description", "top", "bind", "options", "c3"}
         if unknown:
             raise RuleSetError(f"{source}: unknown key(s) {sorted(unknown)}; allowed: name, description, top, "
-                               "bind, options.")
+                               "bind, options, c3.")
         binds = data.get("bind")
         if not isinstance(binds, list) or not binds:
             raise RuleSetError(f"{source}: needs a non-empty list `bind = [{{ pattern = ..., rule = ... }}, ...]`.")
         bindings = tuple(_binding(b, i, source) for i, b in enumerate(binds))
         return cls(name=str(data.get("name", source)), bindings=bindings, top=str(data.get("top", "logit")),
-                   description=str(data.get("description", "")), options=dict(data.get("options", {})))
+                   description=str(data.get("description", "")), options=dict(data.get("options", {})),
+                   c3=dict(data.get("c3", {})))
 
     def with_bindings(self, bindings: Sequence[Binding] | Mapping[str, Rule], name: str | None = None) -> RuleSet:
         """A copy with ``bindings`` placed first (they win over the set's own)."""
