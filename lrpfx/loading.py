@@ -118,9 +118,13 @@ def _bundled(name: str | None) -> LoadedModel:
         from lrpfx import models
     except ImportError as e:
         raise LoadError(f"the bundled model is not available: {e}") from None
-    model, meta = models.load_bundled(name) if name else models.load_bundled()
+    name = name or "resnet50_w16"
+    try:
+        model, meta = models.load_bundled(name), models.bundled_metadata(name)
+    except (FileNotFoundError, ValueError) as e:
+        raise LoadError(str(e)) from None
     return LoadedModel(model, tuple(meta["mean"]), tuple(meta["std"]), int(meta.get("size", 64)),
-                       f"bundled:{meta.get('name', name)}", list(meta.get("classes", [])) or None)
+                       f"bundled:{name}", list(meta.get("classes", [])) or None)
 
 
 def _user_file(spec: str) -> LoadedModel:
