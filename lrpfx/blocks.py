@@ -1,9 +1,11 @@
 """Whole-block patterns (residual blocks) as small dataflow graphs, matched with networkx.
 
 A block pattern is data: a main branch (a chain of op kinds from the block input to the
-add), a skip branch (empty for an identity shortcut, ``("conv",)`` for a projection), an
-``add`` and a closing ``relu``. Each node has a *role* (``conv1``, ``relu1``, ..., ``skip``,
-``add``, ``out``) so that block rules can address its values. Matching runs on the
+add, optionally ending in a squeeze-and-excitation ``gate``), a skip branch (empty for an
+identity shortcut, ``("conv",)`` for a projection, ``("avgpool", "conv")`` for ResNet-D's
+average-pool-then-conv shortcut), an ``add`` and a closing ``relu``. Each node has a *role*
+(``conv1``, ``relu1``, ..., ``gate``, ``skip_pool``, ``skip_conv``, ``add``, ``out``) so that
+block rules can address its values. Matching runs on the
 canonical graph (BatchNorm already folded), so torchvision's, timm's and a user's blocks,
 written with modules or functions, ``torch.add`` or ``+=``, all look the same.
 
@@ -35,15 +37,15 @@ class BlockPattern:
     def graph(self) -> nx.DiGraph:
         """The pattern as a DiGraph whose nodes carry ``kind`` and ``role``.
 
-        Roles: ``input``; ``conv1``, ``bn1``, ``relu1``, ``conv2``, ... on the main branch;
-        ``skip_conv`` and ``skip_bn`` on a projection shortcut; ``add``; ``out``.
+        Roles: ``input``; ``conv1``, ``bn1``, ``relu1``, ``conv2``, ..., ``gate`` on the main
+        branch; ``skip_pool``, ``skip_conv`` and ``skip_bn`` on a projection shortcut; ``add``; ``out``.
         """
         g = nx.DiGraph()
         g.add_node("input", kind=None, role="input")
         prev, convs = "input", 0
         for kind in self.main:
             convs += kind == "conv"
-            role = {"conv": "conv", "batchnorm": "bn", "relu": "relu"}[kind] + str(convs)
+            role = "gate" if kind == "gate" else {"conv": "conv", "batchnorm": "bn", "relu": "relu"}[kind] + str(convs)
             g.add_node(role, kind=kind, role=role)
             g.add_edge(prev, role)
             prev = role
@@ -51,7 +53,7 @@ class BlockPattern:
         g.add_edge(prev, "add")
         skip_prev = "input"
         for kind in self.skip:
-            role = {"conv": "skip_conv", "batchnorm": "skip_bn"}[kind]
+            role = {"avgpool": "skip_pool", "conv": "skip_conv", "batchnorm": "skip_bn"}[kind]
             g.add_node(role, kind=kind, role=role)
             g.add_edge(skip_prev, role)
             skip_prev = role
@@ -66,12 +68,17 @@ def _with_bn(kinds: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(k for kind in kinds for k in ((kind, "batchnorm") if kind == "conv" else (kind,)))
 
 
+#: the shortcuts a block may have: a projection, the identity, ResNet-D's average pooling then projection
+SHORTCUTS: tuple[tuple[str, ...], ...] = (("conv",), (), ("avgpool", "conv"))
+
+
 def _variants(name: str, main: tuple[str, ...]) -> tuple[BlockPattern, ...]:
-    return (BlockPattern(name, main, ("conv",)), BlockPattern(name, main, ()),
-            BlockPattern(name, _with_bn(main), ("conv", "batchnorm")), BlockPattern(name, _with_bn(main), ()))
+    """Every shortcut, with and without a closing gate, with BatchNorm folded and kept."""
+    return tuple(BlockPattern(name, bn(m), bn(skip)) for bn in (lambda k: k, _with_bn)
+                 for m in (main, main + ("gate",)) for skip in SHORTCUTS)
 
 
-#: block name -> its variants (projection / identity shortcut, BatchNorm folded / kept)
+#: block name -> its variants (shortcut, gate or not, BatchNorm folded / kept)
 BLOCK_PATTERNS: dict[str, tuple[BlockPattern, ...]] = {
     "bottleneck": _variants("bottleneck", ("conv", "relu", "conv", "relu", "conv")),
     "basic_block": _variants("basic_block", ("conv", "relu", "conv")),
@@ -91,6 +98,11 @@ class BlockMatch:
     def projection(self) -> bool:
         """Whether the shortcut is a projection (a D-block) rather than the identity (an S-block)."""
         return "skip_conv" in self.roles
+
+    @property
+    def gated(self) -> bool:
+        """Whether the main branch ends in a squeeze-and-excitation gate."""
+        return "gate" in self.roles
 
     def chain(self, prefix: str) -> list[fx.Node]:
         """The nodes whose role starts with ``prefix`` on the main branch, in order (conv1, conv2, ...)."""
@@ -133,12 +145,28 @@ def _contained(mapping: dict[fx.Node, str], path: set[fx.Node]) -> bool:
                if u in path)
 
 
+def _could_match(g: nx.DiGraph, add: fx.Node, pattern: BlockPattern) -> bool:
+    """A cheap necessary condition, checked before VF2: a ReLU follows the add, and one of its
+    inputs ends a chain whose kinds are the main branch's."""
+    if not any(g.nodes[u]["kind"] == "relu" for u in g.successors(add)):
+        return False
+    for node in g.predecessors(add):
+        for kind in reversed(pattern.main):
+            if node is None or g.nodes[node]["kind"] != kind:
+                break
+            preds = list(g.predecessors(node))
+            node = preds[0] if len(preds) == 1 else None
+        else:
+            return True
+    return False
+
+
 def _candidates(g: nx.DiGraph, pattern: BlockPattern) -> list[dict[fx.Node, str]]:
     """All contained matches of ``pattern``, searched around each add node (keeps VF2 local)."""
     pg = _pattern_graph(pattern)
     depth = max(len(pattern.main), len(pattern.skip)) + 1
     out = []
-    for add in [n for n, k in g.nodes(data="kind") if k == "add"]:
+    for add in [n for n, k in g.nodes(data="kind") if k == "add" and _could_match(g, n, pattern)]:
         near = nx.single_source_shortest_path_length(g.reverse(copy=False), add, cutoff=depth)
         local = g.subgraph(set(near) | set(g.successors(add)))
         for m in DiGraphMatcher(local, pg, node_match=_node_match).subgraph_isomorphisms_iter():

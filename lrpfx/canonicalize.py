@@ -1,30 +1,49 @@
 """Stage 2: graph passes that give every op one spelling and fold BatchNorm.
 
 After these passes the matcher sees: ``operator.add`` for every residual sum,
-``torch.relu`` for every ReLU (never in place), ``torch.flatten``/``torch.reshape``
-for every reshape, ``F.adaptive_avg_pool2d`` for spatial means, no Dropout/Identity,
-and no BatchNorm that directly follows a single-use conv/linear.
+``torch.relu`` for every ReLU (never in place), ``F.hardtanh`` for ReLU6/Hardtanh/clamp,
+``torch.sigmoid``/``F.hardsigmoid`` for gate functions, ``operator.mul`` for products,
+``torch.cat`` for concatenations, ``torch.flatten``/``torch.reshape``/``torch.squeeze``/
+``torch.unsqueeze`` for every reshape, ``F.adaptive_avg_pool2d`` for spatial means,
+modules for functional conv/linear/batch_norm/pooling calls on fixed parameters,
+no Dropout/Identity/stochastic depth, and no BatchNorm that directly follows a
+single-use conv/linear.
 Each pass is small, rewrites the graph in place, and states its postcondition.
 """
 from __future__ import annotations
 
 import copy
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lrpfx.patterns import BATCHNORM_TYPES, CONV_TYPES, LINEAR_TYPES
+from lrpfx.patterns import BATCHNORM_TYPES, CONV_TYPES, LINEAR_TYPES, is_shape
 
 DROP_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
 DROP_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torch.dropout}
 RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_}
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 ADD_METHODS = {"add", "add_", "__add__", "__iadd__"}
+MUL_FUNCTIONS = {operator.imul, torch.mul}
+MUL_METHODS = {"mul", "mul_", "__mul__", "__imul__"}
+CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 RESHAPE_METHODS = {"view", "reshape"}
+SIGMOID_FUNCTIONS = {torch.sigmoid, torch.sigmoid_, F.sigmoid}
+HARDSIGMOID_FUNCTIONS = {F.hardsigmoid}
+CLAMP_FUNCTIONS = {torch.clamp, torch.clip, torch.clamp_, torch.clip_}
+CLAMP_METHODS = {"clamp", "clip", "clamp_", "clip_"}
+
+
+class BatchNormNd(nn.modules.batchnorm._BatchNorm):
+    """The module an ``F.batch_norm`` call on fixed statistics becomes (any rank, as the call itself)."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        pass
 
 
 def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -42,43 +61,129 @@ def _replace(gm: fx.GraphModule, node: fx.Node, target: Callable, args: tuple, k
 
 
 def _attr(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
-    return gm.get_parameter(node.target) if isinstance(node, fx.Node) and node.op == "get_attr" else None
+    """The parameter or buffer a get_attr node fetches, or None for anything else."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    owner, _, name = node.target.rpartition(".")
+    value = getattr(gm.get_submodule(owner), name, None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _param(t: torch.Tensor | None) -> nn.Parameter | None:
+    """``t`` as a parameter sharing its storage (a buffer may hold what a layer keeps as a parameter)."""
+    if t is None or isinstance(t, nn.Parameter):
+        return t
+    return nn.Parameter(t, requires_grad=False)
+
+
+def _bind(node: fx.Node, names: Sequence[str]) -> dict[str, Any]:
+    """The call's arguments by name (positional first, then keywords); missing ones are None."""
+    bound = dict(zip(names, node.args))
+    bound.update({k: v for k, v in node.kwargs.items() if k in names})
+    return {k: bound.get(k) for k in names}
+
+
+def _as_module(gm: fx.GraphModule, node: fx.Node, layer: nn.Module, arg: Any) -> None:
+    """Replace the call ``node`` by a call of the new submodule ``layer`` on ``arg``."""
+    name = f"{node.name}_layer"
+    gm.add_submodule(name, layer)
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_module(name, (arg,))
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+
+
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+
+
+def _conv_or_linear(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    """``F.linear(x, w, b)`` / ``F.conv2d(x, w, b, ...)`` on parameters as a Linear/Conv2d, or None."""
+    bound = _bind(node, _CONV_ARGS)
+    weight, bias = _attr(gm, bound["weight"]), _attr(gm, bound["bias"])
+    if weight is None or (bound["bias"] is not None and bias is None):
+        return None  # computed weights: not a layer
+    if node.target is F.linear:
+        layer: nn.Module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    else:
+        geo = {k: bound[k] for k in ("stride", "padding", "dilation") if bound[k] is not None}
+        layer = nn.Conv2d(weight.shape[1] * (bound["groups"] or 1), weight.shape[0], tuple(weight.shape[2:]),
+                          groups=bound["groups"] or 1, bias=bias is not None, **geo)
+    layer.weight, layer.bias = _param(weight), _param(bias)
+    return layer
+
+
+_BN_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+
+
+def _batchnorm(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    """``F.batch_norm`` in inference (fixed running statistics, as timm's BatchNormAct2d calls it) as a module."""
+    b = _bind(node, _BN_ARGS)
+    mean, var = _attr(gm, b["running_mean"]), _attr(gm, b["running_var"])
+    weight, bias = _attr(gm, b["weight"]), _attr(gm, b["bias"])
+    if b["training"] or mean is None or var is None or (b["weight"] is not None and weight is None) \
+            or (b["bias"] is not None and bias is None):
+        return None  # batch statistics or computed parameters: not a fixed affine map
+    bn = BatchNormNd(mean.shape[0], eps=1e-5 if b["eps"] is None else float(b["eps"]),
+                     affine=weight is not None or bias is not None)
+    bn.running_mean, bn.running_var = mean, var  # type: ignore[assignment]
+    bn.weight = _param(weight if weight is not None else (None if bias is None else torch.ones_like(bias)))
+    bn.bias = _param(bias if bias is not None else (None if weight is None else torch.zeros_like(weight)))
+    return bn.eval()
+
+
+def _pool(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    """Functional max/avg/adaptive-max pooling as the matching module (for one kind of pooling node)."""
+    if node.target in (F.max_pool2d, torch.max_pool2d):
+        b = _bind(node, ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"))
+        if b["return_indices"]:
+            return None
+        return nn.MaxPool2d(b["kernel_size"], b["stride"] or None, b["padding"] or 0, b["dilation"] or 1,
+                            ceil_mode=bool(b["ceil_mode"]))
+    if node.target is F.avg_pool2d:
+        b = _bind(node, ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                         "divisor_override"))
+        return nn.AvgPool2d(b["kernel_size"], b["stride"] or None, b["padding"] or 0, bool(b["ceil_mode"]),
+                            True if b["count_include_pad"] is None else bool(b["count_include_pad"]),
+                            b["divisor_override"])
+    b = _bind(node, ("input", "output_size", "return_indices"))
+    return None if b["return_indices"] else nn.AdaptiveMaxPool2d(b["output_size"])
+
+
+_FUNCTIONAL_LAYERS: dict[Callable, Callable[[fx.GraphModule, fx.Node], nn.Module | None]] = {
+    F.linear: _conv_or_linear, F.conv2d: _conv_or_linear, torch.conv2d: _conv_or_linear,
+    F.batch_norm: _batchnorm, F.max_pool2d: _pool, torch.max_pool2d: _pool, F.avg_pool2d: _pool,
+    F.adaptive_max_pool2d: _pool,
+}
 
 
 def functional_layers_to_modules(gm: fx.GraphModule) -> None:
-    """``F.linear(x, w, b)`` / ``F.conv2d(x, w, b, ...)`` on parameters -> a Linear/Conv2d module call.
+    """``F.linear``/``F.conv2d``/``F.batch_norm`` on fixed parameters and functional pooling -> module calls.
 
-    The new module shares the parameters, so folding and rule binding see one kind of layer.
+    The new modules share the parameters, so folding and rule binding see one kind of layer.
+    Calls on computed weights (or batch statistics) stay as they are and are reported unmatched.
     """
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in (F.linear, F.conv2d, torch.conv2d):
-            continue
-        args = list(node.args) + [None] * (7 - len(node.args))
-        names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
-        bound = {k: node.kwargs.get(k, v) for k, v in zip(names, args)}
-        weight, bias = _attr(gm, bound["weight"]), _attr(gm, bound["bias"])
-        if weight is None or (bound["bias"] is not None and bias is None):
-            continue  # computed weights: not a layer
-        if node.target is F.linear:
-            layer: nn.Module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-        else:
-            geo = {k: bound[k] for k in ("stride", "padding", "dilation") if bound[k] is not None}
-            layer = nn.Conv2d(weight.shape[1] * (bound["groups"] or 1), weight.shape[0], tuple(weight.shape[2:]),
-                              groups=bound["groups"] or 1, bias=bias is not None, **geo)
-        layer.weight, layer.bias = weight, bias
-        name = f"{node.name}_layer"
-        gm.add_submodule(name, layer)
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_module(name, (bound["input"],))
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        make = _FUNCTIONAL_LAYERS.get(node.target) if node.op == "call_function" else None
+        layer = make(gm, node) if make is not None else None
+        if layer is not None:
+            _as_module(gm, node, layer, node.args[0] if node.args else node.kwargs["input"])
+
+
+def _is_stochastic_depth(node: fx.Node) -> bool:
+    """torchvision's ``stochastic_depth(x, p, mode, training=False)``: the identity in eval mode."""
+    if node.op != "call_function" or getattr(node.target, "__name__", "") != "stochastic_depth":
+        return False
+    training = node.args[3] if len(node.args) > 3 else node.kwargs.get("training", True)
+    return training is False
 
 
 def drop_dropout_identity(gm: fx.GraphModule) -> None:
-    """Remove Dropout and Identity (modules and functions): identities in eval mode."""
+    """Remove Dropout, Identity and eval-mode stochastic depth (modules and functions): identities in eval mode."""
     for node in list(gm.graph.nodes):
         m = _module(gm, node)
-        if isinstance(m, DROP_MODULES) or (node.op == "call_function" and node.target in DROP_FUNCTIONS):
+        if isinstance(m, DROP_MODULES) or (node.op == "call_function" and node.target in DROP_FUNCTIONS) \
+                or _is_stochastic_depth(node):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
     assert not any(isinstance(_module(gm, n), DROP_MODULES) for n in gm.graph.nodes)
@@ -97,6 +202,77 @@ def unify_relu(gm: fx.GraphModule) -> None:
             _replace(gm, node, torch.relu, (node.args[0],))
 
 
+def _clamp_bounds(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, Any] | None:
+    """(lo, hi) of a ReLU6/Hardtanh/clamp in any spelling, or None if ``node`` is none of them."""
+    m = _module(gm, node)
+    if isinstance(m, nn.Hardtanh):  # ReLU6 is a Hardtanh(0, 6)
+        return m.min_val, m.max_val
+    if node.op == "call_function" and node.target in (F.relu6,):
+        return 0.0, 6.0
+    if node.op == "call_function" and node.target in (F.hardtanh, F.hardtanh_):
+        b = _bind(node, ("input", "min_val", "max_val"))
+        return (-1.0 if b["min_val"] is None else b["min_val"]), (1.0 if b["max_val"] is None else b["max_val"])
+    is_clamp = ((node.op == "call_function" and node.target in CLAMP_FUNCTIONS)
+                or (node.op == "call_method" and node.target in CLAMP_METHODS))
+    if is_clamp:
+        b = _bind(node, ("input", "min", "max"))
+        return b["min"], b["max"]
+    return None
+
+
+def unify_clamp(gm: fx.GraphModule) -> None:
+    """ReLU6, Hardtanh and clamp with constant bounds lo <= 0 <= hi -> ``F.hardtanh(x, lo, hi)``.
+
+    ``clamp(x, min=0)`` is a ReLU and becomes ``torch.relu``. Other bounds (a clamp that
+    does not pass through 0) become ``torch.clamp`` and stay unsupported.
+    """
+    for node in list(gm.graph.nodes):
+        bounds = _clamp_bounds(gm, node)
+        if bounds is None:
+            continue
+        lo, hi = bounds
+        if not all(v is None or isinstance(v, (int, float)) for v in bounds):
+            continue  # tensor bounds: leave the call for the unmatched report
+        if lo == 0 and hi is None:
+            _replace(gm, node, torch.relu, (node.args[0],))
+        elif lo is not None and hi is not None and lo <= 0 <= hi:
+            _replace(gm, node, F.hardtanh, (node.args[0], float(lo), float(hi)))
+        elif node.op != "call_module":
+            _replace(gm, node, torch.clamp, (node.args[0], lo, hi))
+
+
+def unify_gate_functions(gm: fx.GraphModule) -> None:
+    """Sigmoid and hard-sigmoid in any spelling -> ``torch.sigmoid`` / ``F.hardsigmoid`` (gate functions)."""
+    for node in list(gm.graph.nodes):
+        m = _module(gm, node)
+        fn = node.target if node.op == "call_function" else None
+        if isinstance(m, nn.Sigmoid) or fn in SIGMOID_FUNCTIONS or (
+                node.op == "call_method" and node.target in ("sigmoid", "sigmoid_")):
+            _replace(gm, node, torch.sigmoid, (node.args[0],))
+        elif isinstance(m, nn.Hardsigmoid) or fn in HARDSIGMOID_FUNCTIONS:
+            _replace(gm, node, F.hardsigmoid, (node.args[0],))
+
+
+def unify_mul(gm: fx.GraphModule) -> None:
+    """``a * b``, ``a *= b``, ``torch.mul(a, b)``, ``a.mul(b)``, ``a.mul_(b)`` of two tensors -> ``operator.mul``."""
+    for node in list(gm.graph.nodes):
+        is_mul = ((node.op == "call_function" and node.target in MUL_FUNCTIONS)
+                  or (node.op == "call_method" and node.target in MUL_METHODS))
+        if is_mul and len(node.args) == 2 and not node.kwargs and all(isinstance(a, fx.Node) for a in node.args):
+            _replace(gm, node, operator.mul, tuple(node.args))
+
+
+def unify_cat(gm: fx.GraphModule) -> None:
+    """``torch.cat``/``concat``/``concatenate`` with ``dim`` or ``axis`` -> ``torch.cat(list, dim)``."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in CAT_FUNCTIONS:
+            continue
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", node.kwargs.get("axis", 0))
+        if isinstance(tensors, (list, tuple)) and isinstance(dim, int):
+            _replace(gm, node, torch.cat, (list(tensors), dim))
+
+
 def unify_add(gm: fx.GraphModule) -> None:
     """``a + b``, ``a += b``, ``torch.add(a, b)``, ``a.add(b)``, ``a.add_(b)`` -> ``operator.add(a, b)``."""
     for node in list(gm.graph.nodes):
@@ -107,7 +283,8 @@ def unify_add(gm: fx.GraphModule) -> None:
 
 
 def unify_reshape(gm: fx.GraphModule) -> None:
-    """``nn.Flatten``, ``x.flatten()``, ``x.view()``, ``x.reshape()`` -> ``torch.flatten``/``torch.reshape``."""
+    """``nn.Flatten``, ``x.flatten()``, ``x.view()``, ``x.reshape()``, ``x.squeeze()``, ``x.unsqueeze()``
+    -> ``torch.flatten``/``torch.reshape``/``torch.squeeze``/``torch.unsqueeze``."""
     for node in list(gm.graph.nodes):
         m = _module(gm, node)
         if isinstance(m, nn.Flatten):
@@ -117,6 +294,9 @@ def unify_reshape(gm: fx.GraphModule) -> None:
         elif node.op == "call_method" and node.target in RESHAPE_METHODS:
             shape = node.args[1:] if len(node.args) > 2 or not isinstance(node.args[1], (tuple, list)) else node.args[1]
             _replace(gm, node, torch.reshape, (node.args[0], tuple(shape)))
+        elif node.op == "call_method" and node.target in ("squeeze", "unsqueeze"):
+            fn = torch.squeeze if node.target == "squeeze" else torch.unsqueeze
+            _replace(gm, node, fn, tuple(node.args), dict(node.kwargs))
 
 
 def _spatial_mean_dims(node: fx.Node) -> tuple[bool, bool] | None:
@@ -148,8 +328,9 @@ def spatial_mean_to_pool(gm: fx.GraphModule) -> None:
 def fold_batchnorm(gm: fx.GraphModule) -> None:
     """Fold each eval BatchNorm into the conv/linear that feeds it (METHOD_SPEC §1.3).
 
-    Folded only where the conv's output has no other user and the conv module is called once;
-    any other BatchNorm stays and gets its own (elementwise affine) rule.
+    Folded only where the conv's output has no other user (shape reads, as timm's
+    ``_assert(x.ndim == 4)``, do not count) and the conv module is called once; any other
+    BatchNorm stays and gets its own (elementwise affine) rule.
     """
     calls: dict[str, int] = {}
     for n in gm.graph.nodes:
@@ -161,7 +342,8 @@ def fold_batchnorm(gm: fx.GraphModule) -> None:
             continue
         src = node.args[0]
         layer = _module(gm, src)
-        if not isinstance(layer, CONV_TYPES + LINEAR_TYPES) or len(src.users) != 1 or calls[src.target] != 1:
+        value_users = [u for u in src.users if not is_shape(u)]
+        if not isinstance(layer, CONV_TYPES + LINEAR_TYPES) or len(value_users) != 1 or calls[src.target] != 1:
             continue
         if bn.running_mean is None or bn.running_var is None:
             continue
@@ -185,7 +367,8 @@ def fold(layer: nn.Module, bn: nn.Module) -> nn.Module:
 
 
 PASSES: tuple[Callable[[fx.GraphModule], None], ...] = (
-    functional_layers_to_modules, drop_dropout_identity, unify_relu, unify_add, unify_reshape, spatial_mean_to_pool, fold_batchnorm,
+    functional_layers_to_modules, drop_dropout_identity, unify_relu, unify_clamp, unify_gate_functions, unify_mul,
+    unify_cat, unify_add, unify_reshape, spatial_mean_to_pool, fold_batchnorm,
 )
 
 

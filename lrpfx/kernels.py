@@ -16,6 +16,7 @@ Every linear-type rule follows the same four steps (Montavon et al., 2019):
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -255,29 +256,68 @@ def batchnorm_epsilon(a: torch.Tensor, z: torch.Tensor, rel: torch.Tensor, runni
     return a * scale * (rel / stabilize(z, eps))
 
 
+#: (kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override) of a 2-D average pooling
+PoolSpec = tuple[Sequence[int], Sequence[int], Sequence[int], bool, bool, "int | None"]
+
+
+def _window_inverse(a: torch.Tensor, out_shape: Sequence[int], *, kernel_size: Sequence[int],
+                    stride: Sequence[int], padding: Sequence[int], ceil_mode: bool, count_include_pad: bool,
+                    divisor_override: int | None) -> torch.Tensor:
+    """1 / n_k, the weight of average pooling's window k, as a (1, 1, *out) tensor.
+
+    avg_pool(ones) = valid_k / n_k, valid_k being the window's input (non-padding) elements,
+    counted by summing ones; this holds for every ``ceil_mode``, ``count_include_pad`` and
+    ``divisor_override``, and valid_k >= 1 (PyTorch's windows always start inside the input
+    or its left padding).
+    """
+    one = torch.ones_like(a[:1, :1])
+    pooled = F.avg_pool2d(one, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+    extra = [max(0, (o - 1) * s + k - (n + 2 * p)) for o, s, k, n, p in
+             zip(out_shape[-2:], stride, kernel_size, a.shape[-2:], padding)]
+    ones_k = torch.ones((1, 1, *kernel_size), dtype=a.dtype, device=a.device)
+    valid = F.conv2d(F.pad(one, (0, extra[1], 0, extra[0])), ones_k, None, stride, padding)
+    return pooled / valid
+
+
+def _avgpool_transpose(t: torch.Tensor, in_shape: Sequence[int], *, kernel_size: Sequence[int],
+                       stride: Sequence[int], padding: Sequence[int]) -> torch.Tensor:
+    """The transposed sum pooling: every input gets the sum of ``t`` over the windows that contain it.
+
+    With ``ceil_mode`` the last windows may reach past the padded input; the transposed
+    convolution then produces a larger map, cut back to ``in_shape``.
+    """
+    channels = in_shape[1]
+    ones = torch.ones((channels, 1, *kernel_size), dtype=t.dtype, device=t.device)
+    full = [(o - 1) * s - 2 * p + k for o, s, p, k in zip(t.shape[-2:], stride, padding, kernel_size)]
+    out_pad = [max(0, n - f) for n, f in zip(in_shape[-2:], full)]
+    g = F.conv_transpose2d(t, ones, None, stride, padding, out_pad, channels)
+    return g[..., :in_shape[-2], :in_shape[-1]]
+
+
 def avgpool(a: torch.Tensor, z: torch.Tensor, rel: torch.Tensor, *, eps: float,
             kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
-            count_include_pad: bool = True) -> torch.Tensor:
-    """Average pooling as a linear layer with weights 1/n (zennit's ``Norm``).
+            count_include_pad: bool = True, ceil_mode: bool = False,
+            divisor_override: int | None = None) -> torch.Tensor:
+    """Average pooling as a linear layer with weights 1/n_k (zennit's ``Norm``).
 
-    ``z`` is the pooled forward output; R_j = a_j * sum_k R_k / (n_k * stabilize(z_k)).
+    ``z`` is the pooled forward output; R_j = a_j * sum_{k: j in win(k)} R_k / (n_k * stabilize(z_k)).
+    Any ``ceil_mode``, ``count_include_pad`` and ``divisor_override`` (n_k as PyTorch divides).
     """
     s = rel / stabilize(z, eps)
-    channels = a.shape[1]
-    nd = a.dim() - 2
-    ones = torch.ones((channels, 1, *kernel_size), dtype=a.dtype, device=a.device)
-    if count_include_pad:
-        s = s / float(torch.tensor(list(kernel_size)).prod())
+    if count_include_pad and not ceil_mode and divisor_override is None:
+        s = s / float(math.prod(kernel_size))  # every window has n = k_h * k_w
     else:
-        count = _CONV[nd](torch.ones_like(a[:1, :1]), ones[:1], None, stride, padding)
-        s = s / count
-    return a * _transpose(s, ones, a.shape, stride, padding, [1] * nd, channels)
+        s = s * _window_inverse(a, z.shape, kernel_size=kernel_size, stride=stride, padding=padding,
+                                ceil_mode=ceil_mode, count_include_pad=count_include_pad,
+                                divisor_override=divisor_override)
+    return a * _avgpool_transpose(s, a.shape, kernel_size=kernel_size, stride=stride, padding=padding)
 
 
 def avg_pool(a: torch.Tensor, *, kernel_size: Sequence[int], stride: Sequence[int],
-             padding: Sequence[int]) -> torch.Tensor:
-    """2-D average pooling (the forward of a max-pool treated as an average)."""
-    return F.avg_pool2d(a, kernel_size, stride, padding)
+             padding: Sequence[int], ceil_mode: bool = False, count_include_pad: bool = True,
+             divisor_override: int | None = None) -> torch.Tensor:
+    """2-D average pooling (the forward of a max-pool treated as an average, or of a pooled shortcut)."""
+    return F.avg_pool2d(a, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
 
 
 def _adaptive_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
@@ -308,6 +348,17 @@ def maxpool_wta(a: torch.Tensor, rel: torch.Tensor, *, kernel_size: Sequence[int
     Routed by ``scatter_add`` on the pooling indices, which exports (``max_unpool`` does not).
     """
     _, idx = F.max_pool2d(a, kernel_size, stride, padding, dilation, ceil_mode, return_indices=True)
+    return _route(a, idx, rel)
+
+
+def adaptive_maxpool_wta(a: torch.Tensor, rel: torch.Tensor, *, output_size: Sequence[int | None]) -> torch.Tensor:
+    """Adaptive max pooling, winner takes all (as :func:`maxpool_wta`)."""
+    _, idx = F.adaptive_max_pool2d(a, output_size, return_indices=True)
+    return _route(a, idx, rel)
+
+
+def _route(a: torch.Tensor, idx: torch.Tensor, rel: torch.Tensor) -> torch.Tensor:
+    """Each output's relevance to the input position ``idx`` holds (flat over H*W), accumulated."""
     n, c = rel.shape[:2]
     out = torch.zeros((n, c, a.shape[2] * a.shape[3]), dtype=rel.dtype, device=rel.device)
     return out.scatter_add(2, idx.flatten(2), rel.flatten(2)).view(a.shape)
@@ -321,6 +372,17 @@ def add_split(u: torch.Tensor, rel: torch.Tensor, *, eps: float) -> torch.Tensor
 def reshape_as(rel: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """Pass relevance back through a reshape (flatten, view) or an elementwise pass-through."""
     return rel.reshape(a.shape)
+
+
+def signal_takes_all(rel: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
+    """The gated product y = signal * gate: all of R_y to the signal (summed over broadcast dims)."""
+    return rel.sum_to_size(signal.shape)
+
+
+def cat_slice(rel: torch.Tensor, parts: Sequence[torch.Tensor], *, dim: int, index: int) -> torch.Tensor:
+    """The slice of a concatenation's relevance that belongs to ``parts[index]`` (exact: R is split, not shared)."""
+    start = sum(p.shape[dim] for p in parts[:index])
+    return rel.narrow(dim, start, parts[index].shape[dim])
 
 
 # --------------------------------------------------------------------------- entry and exit
@@ -341,7 +403,7 @@ def check_input(x: torch.Tensor, *, ndim: int, channels: int | None) -> torch.Te
             f"input has {x.shape[1]} channels (shape {tuple(x.shape)}) but the first layer expects "
             f"{channels}. Hint: convert grayscale/RGBA images to the model's channel count.")
     if _validating() and not bool(torch.isfinite(x).all()):
-        bad = sorted({int(i) for i in (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten()})
+        bad = _bad_samples(x)
         raise InputError(f"input contains NaN or inf in sample(s) {bad}. Hint: clean the input; "
                          "LRP of a non-finite input is undefined.")
     return x
@@ -360,11 +422,14 @@ def top_relevance(logits: torch.Tensor, target: torch.Tensor | int | None, *, to
     if isinstance(target, torch.Tensor) and target.is_floating_point():
         if tuple(target.shape) != (n, classes):
             raise InputError(f"a float target is used as the output relevance and must have the logits' "
-                             f"shape {(n, classes)}, got {tuple(target.shape)}.")
+                             f"shape {(n, classes)}, got {tuple(target.shape)}. Hint: pass class indices as a "
+                             "LongTensor (target.long()), or a float tensor of the logits' shape.")
+        _check_finite_logits(logits)
         return target.to(logits.dtype)
+    _check_finite_logits(logits)
     if target is None:
         index = logits.argmax(1)
-    elif isinstance(target, int):
+    elif isinstance(target, int) and not isinstance(target, bool):
         _check_range(torch.tensor([target]), classes)
         index = torch.full((n,), target, dtype=torch.long, device=logits.device)
     elif isinstance(target, torch.Tensor) and not target.is_floating_point() and target.dtype != torch.bool:
@@ -376,8 +441,9 @@ def top_relevance(logits: torch.Tensor, target: torch.Tensor | int | None, *, to
                              "Hint: pass one class per sample, an int, or None for the argmax.")
         _check_range(index, classes)
     else:
+        got = type(target).__name__ + (f" of dtype {target.dtype}" if isinstance(target, torch.Tensor) else "")
         raise InputError(f"target must be None, an int, a LongTensor (N,) or a float tensor (N, classes); "
-                         f"got {type(target).__name__}{'' if not isinstance(target, torch.Tensor) else ' of dtype ' + str(target.dtype)}.")
+                         f"got {got}. Hint: convert class indices with torch.as_tensor(target).long().")
     score = logits.softmax(1) if top == "softmax" else logits
     onehot = F.one_hot(index, classes).to(logits.dtype)
     return onehot * score
@@ -386,13 +452,40 @@ def top_relevance(logits: torch.Tensor, target: torch.Tensor | int | None, *, to
 def _check_range(index: torch.Tensor, classes: int) -> None:
     if _validating() and bool(((index < 0) | (index >= classes)).any()):
         raise InputError(f"target {index.tolist()} out of range for a model with {classes} classes "
-                         f"(valid: 0..{classes - 1}).")
+                         f"(valid: 0..{classes - 1}). Hint: pass class indices in 0..{classes - 1}, or None "
+                         "for the predicted class.")
+
+
+def _bad_samples(t: torch.Tensor) -> list[int]:
+    return sorted({int(i) for i in (~torch.isfinite(t)).flatten(1).any(1).nonzero().flatten()})
+
+
+def _check_finite_logits(logits: torch.Tensor) -> None:
+    if _validating() and not bool(torch.isfinite(logits).all()):
+        raise InputError(
+            f"the model's output (logits) is NaN or inf in sample(s) {_bad_samples(logits)} (dtype "
+            f"{logits.dtype}): the forward pass itself overflowed. Hint: run the model in float32 or bfloat16, "
+            "or bring the input to the range the model was trained on.")
+
+
+def check_relevance(rel: torch.Tensor) -> torch.Tensor:
+    """Refuse to return a non-finite relevance map (eager mode only), naming the samples and the dtype."""
+    if _validating() and not bool(torch.isfinite(rel).all()):
+        raise InputError(
+            f"the relevance of sample(s) {_bad_samples(rel)} is NaN or inf (dtype {rel.dtype}): a rule's "
+            "denominator underflowed or its products overflowed in this precision. Hint: compute the "
+            "explanation in float32 (or bfloat16, which has float32's range), or use a rule with a "
+            "stabilizer (epsilon > 0) instead of LRP-0.")
+    return rel
 
 
 # --------------------------------------------------------------------------- whole residual blocks
-# A block: u = F(x) + S(x), O = relu(u); F = conv_n(... relu(conv_1(x))), S = identity or a 1x1 conv.
+# A block: u = F(x) + S(x), O = relu(u); F = conv_n(... relu(conv_1(x))), optionally times a gate
+# g (squeeze-and-excitation: F = g * conv_n(...), g a constant for the explanation, "signal takes
+# all"); S = identity, a 1x1 conv, or an average pooling then a 1x1 conv (ResNet-D's shortcut).
 # ``acts`` are the ReLU outputs inside the main branch (the inputs of conv_2 ... conv_n);
-# ``geometry`` holds one (stride, padding, dilation, groups) tuple per conv.
+# ``geometry`` holds one (stride, padding, dilation, groups) tuple per conv; ``skip_pool`` is
+# the shortcut's pooling as a :data:`PoolSpec`.
 Geo = tuple[Sequence[int], Sequence[int], Sequence[int], int]
 
 
@@ -420,8 +513,11 @@ def _to(v: Any, dtype: torch.dtype) -> Any:
 
 
 def _block_transpose(g: torch.Tensor, x: torch.Tensor, acts: Sequence[torch.Tensor],
-                     weights: Sequence[torch.Tensor], geometry: Sequence[Geo]) -> torch.Tensor:
-    """J_F^T g through the main branch, with the ReLU masks of the real forward."""
+                     weights: Sequence[torch.Tensor], geometry: Sequence[Geo],
+                     gate: torch.Tensor | None = None) -> torch.Tensor:
+    """J_F^T g through the main branch, with the gate and the ReLU masks of the real forward."""
+    if gate is not None:
+        g = g * gate
     ins = [x, *acts]
     for i in reversed(range(len(weights))):
         g = _transpose(g, weights[i], ins[i].shape, *geometry[i])
@@ -430,49 +526,88 @@ def _block_transpose(g: torch.Tensor, x: torch.Tensor, acts: Sequence[torch.Tens
     return g
 
 
+def _main_twin(x: torch.Tensor, acts: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
+               geometry: Sequence[Geo], gate: torch.Tensor | None) -> torch.Tensor:
+    """The main branch with ``weights``, biases dropped, the forward's ReLU masks and gate: J_F x."""
+    h = x
+    for i, w in enumerate(weights):
+        h = _forward(h, w, None, *geometry[i])
+        if i < len(acts):
+            h = torch.where(acts[i] > 0, h, torch.zeros_like(h))
+    return h if gate is None else h * gate
+
+
+def _pool(x: torch.Tensor, spec: PoolSpec) -> torch.Tensor:
+    kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override = spec
+    return F.avg_pool2d(x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+
+
+def _pool_transpose(t: torch.Tensor, x: torch.Tensor, spec: PoolSpec) -> torch.Tensor:
+    """L^T t for the average pooling L of ``x`` described by ``spec`` (weights 1/n_k)."""
+    kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override = spec
+    inv = _window_inverse(x, t.shape, kernel_size=kernel_size, stride=stride, padding=padding, ceil_mode=ceil_mode,
+                          count_include_pad=count_include_pad, divisor_override=divisor_override)
+    return _avgpool_transpose(t * inv, x.shape, kernel_size=kernel_size, stride=stride, padding=padding)
+
+
+def _skip_forward(x: torch.Tensor, skip_weight: torch.Tensor | None, skip_geometry: Geo | None,
+                  skip_pool: PoolSpec | None) -> torch.Tensor:
+    """The shortcut S x without bias: x, W_s x, or W_s pool(x)."""
+    if skip_weight is None:
+        return x
+    assert skip_geometry is not None
+    return _forward(x if skip_pool is None else _pool(x, skip_pool), skip_weight, None, *skip_geometry)
+
+
 def _skip_transpose(g: torch.Tensor, x: torch.Tensor, skip_weight: torch.Tensor | None,
-                    skip_geometry: Geo | None) -> torch.Tensor:
+                    skip_geometry: Geo | None, skip_pool: PoolSpec | None = None) -> torch.Tensor:
+    """S^T g: g, W_s^T g, or pool^T W_s^T g."""
     if skip_weight is None:
         return g
     assert skip_geometry is not None
-    return _transpose(g, skip_weight, x.shape, *skip_geometry)
+    if skip_pool is None:
+        return _transpose(g, skip_weight, x.shape, *skip_geometry)
+    pooled = _pool(x, skip_pool)
+    return _pool_transpose(_transpose(g, skip_weight, pooled.shape, *skip_geometry), x, skip_pool)
 
 
 @_float16_in_float32
 def block_dense_eps(x: torch.Tensor, out: torch.Tensor, rel: torch.Tensor, acts: Sequence[torch.Tensor],
-                    weights: Sequence[torch.Tensor], skip_weight: torch.Tensor | None = None, *,
-                    geometry: Sequence[Geo], skip_geometry: Geo | None = None, eps: float) -> torch.Tensor:
+                    weights: Sequence[torch.Tensor], skip_weight: torch.Tensor | None = None,
+                    gate: torch.Tensor | None = None, *, geometry: Sequence[Geo], skip_geometry: Geo | None = None,
+                    skip_pool: PoolSpec | None = None, eps: float) -> torch.Tensor:
     """C3-LRP's block rule, read literally (METHOD_SPEC §2, Formulation A): the block as one dense layer.
 
     R_x = x * J^T (R_O / (O + eps)), J = dO/dx at x (ReLU masks from the forward, BatchNorm
-    folded). At eps = 0 a chain of these equals Input x Gradient; the effective bias of the
-    block (its BatchNorm shifts, through the ReLU gates) absorbs or adds relevance.
+    folded, a gate held constant). At eps = 0 a chain of these equals Input x Gradient (of the
+    model with its gates detached); the effective bias of the block (its BatchNorm shifts,
+    through the ReLU gates) absorbs or adds relevance.
     """
     g = (rel / stabilize(out, eps)) * (out > 0).to(rel.dtype)
-    return x * (_block_transpose(g, x, acts, weights, geometry) + _skip_transpose(g, x, skip_weight, skip_geometry))
+    return x * (_block_transpose(g, x, acts, weights, geometry, gate)
+                + _skip_transpose(g, x, skip_weight, skip_geometry, skip_pool))
 
 
 @_float16_in_float32
 def block_dense_zplus(x: torch.Tensor, out: torch.Tensor, rel: torch.Tensor, acts: Sequence[torch.Tensor],
-                      weights: Sequence[torch.Tensor], skip_weight: torch.Tensor | None = None, *,
-                      geometry: Sequence[Geo], skip_geometry: Geo | None = None, eps: float) -> torch.Tensor:
+                      weights: Sequence[torch.Tensor], skip_weight: torch.Tensor | None = None,
+                      gate: torch.Tensor | None = None, *, geometry: Sequence[Geo],
+                      skip_geometry: Geo | None = None, skip_pool: PoolSpec | None = None,
+                      eps: float) -> torch.Tensor:
     """The block as one positive dense layer (METHOD_SPEC §2, Formulation B).
 
     The block's positive twin: folded weights clamped at 0, biases dropped, each ReLU
-    replaced by its mask from the real forward, the projection clamped too. It is linear,
-    u+ = J+ x with J+ >= 0, and R_x = x * (J+)^T (R_O / (u+ + eps)): non-negative for x >= 0
-    and conserving up to eps. The split between shortcut and main branch is implicit.
+    replaced by its mask from the real forward, the gate (>= 0) kept as a constant, the
+    projection clamped too (after the shortcut's average pooling, itself positive). It is
+    linear, u+ = J+ x with J+ >= 0, and R_x = x * (J+)^T (R_O / (u+ + eps)): non-negative for
+    x >= 0 and conserving up to eps. The split between shortcut and main branch is implicit.
     """
     wp = [w.clamp(min=0) for w in weights]
     swp = None if skip_weight is None else skip_weight.clamp(min=0)
-    h = x
-    for i, w in enumerate(wp):
-        h = _forward(h, w, None, *geometry[i])
-        if i < len(acts):
-            h = torch.where(acts[i] > 0, h, torch.zeros_like(h))
-    u_plus = h + (x if swp is None else _forward(x, swp, None, *skip_geometry))  # type: ignore[misc]
+    u_plus = _main_twin(x, acts, wp, geometry, gate) + _skip_forward(x, swp, skip_geometry, skip_pool)
     g = rel * (out > 0).to(rel.dtype) / stabilize(u_plus, eps)
-    return x * (_block_transpose(g, x, acts, wp, geometry) + _skip_transpose(g, x, swp, skip_geometry))
+    return x * (_block_transpose(g, x, acts, wp, geometry, gate)
+                + _skip_transpose(g, x, swp, skip_geometry, skip_pool))
 
 
 def split_ratio(h_main: torch.Tensor, h_skip: torch.Tensor, *, split: str, eps: float) -> torch.Tensor:
@@ -493,11 +628,13 @@ def split_ratio(h_main: torch.Tensor, h_skip: torch.Tensor, *, split: str, eps: 
 @_float16_in_float32
 def block_eccv(x: torch.Tensor, rel: torch.Tensor, acts: Sequence[torch.Tensor], h_main: torch.Tensor,
                h_skip: torch.Tensor, weights: Sequence[torch.Tensor], skip_weight: torch.Tensor | None = None, *,
-               geometry: Sequence[Geo], skip_geometry: Geo | None = None, split: str, eps: float) -> torch.Tensor:
+               geometry: Sequence[Geo], skip_geometry: Geo | None = None, skip_pool: PoolSpec | None = None,
+               split: str, eps: float) -> torch.Tensor:
     """The ECCV 2024 bottleneck backward (Otsuki et al.; METHOD_SPEC §1.4, "Exact ECCV Bottleneck backward").
 
     Split R at the add into R_m = r R and R_s = R - R_m (so R_m + R_s = R exactly), then
-    z+ through the main branch's convs (ReLUs pass) and through the projection, if any.
+    z+ through the main branch's convs (ReLUs and a gate pass) and through the projection,
+    if any; a pooled shortcut's average pooling then takes the Norm rule.
     """
     r_main = split_ratio(h_main, h_skip, split=split, eps=eps) * rel
     r_skip = rel - r_main
@@ -507,8 +644,11 @@ def block_eccv(x: torch.Tensor, rel: torch.Tensor, acts: Sequence[torch.Tensor],
                        padding=geometry[i][1], dilation=geometry[i][2], groups=geometry[i][3])
     if skip_weight is not None:
         assert skip_geometry is not None
-        r_skip = zplus(x, r_skip, skip_weight, None, eps=eps, nonneg=True, stride=skip_geometry[0],
+        xs = x if skip_pool is None else _pool(x, skip_pool)
+        r_skip = zplus(xs, r_skip, skip_weight, None, eps=eps, nonneg=True, stride=skip_geometry[0],
                        padding=skip_geometry[1], dilation=skip_geometry[2], groups=skip_geometry[3])
+        if skip_pool is not None:
+            r_skip = x * _pool_transpose(r_skip / stabilize(xs, eps, nonneg=True), x, skip_pool)
     return r_main + r_skip
 
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 
 from lrpfx import blocks
-from lrpfx.errors import RuleSetError
-from lrpfx.patterns import describe, get_pattern, op_kind
+from lrpfx.errors import RuleSetError, TraceError
+from lrpfx.patterns import describe, gate_operands, get_pattern, op_kind
 from lrpfx.rules import Rule
 from lrpfx.ruleset import RuleSet
 
@@ -79,25 +79,58 @@ class Plan:
 
 
 def relevance_inputs(node: fx.Node, kind: str | None, path: set[fx.Node]) -> list[fx.Node]:
-    """The inputs of ``node`` that take relevance: tensor inputs on the relevance path."""
-    if kind in ("add",):
-        return [a for a in node.args[:2] if isinstance(a, fx.Node) and a in path]
-    first = node.args[0] if node.args else None
-    return [first] if isinstance(first, fx.Node) and first in path else []
+    """The inputs of ``node`` that take relevance: tensor inputs on the relevance path.
+
+    A sum gives relevance to both terms, a concatenation to each part, a gated product to
+    its signal only (the gate takes none). An op of unknown kind is assumed to pass relevance
+    to all its tensor inputs, so that everything upstream of it is reported too.
+    """
+    if kind == "add":
+        args = list(node.args[:2])
+    elif kind == "cat":
+        args = list(node.args[0]) if isinstance(node.args[0], (list, tuple)) else []
+    elif kind == "gate":
+        operands = gate_operands(node)
+        args = [operands[0]] if operands is not None else []
+    elif kind is None:
+        return [a for a in node.all_input_nodes if a in path]
+    else:
+        args = list(node.args[:1])
+    return [a for a in args if isinstance(a, fx.Node) and a in path]
+
+
+def describe_output(result: object, gm: fx.GraphModule) -> str:
+    """A short description of a model's (traced) output structure: ``tuple of 2: [0] fc (Linear), [1] x``."""
+    def one(v: object) -> str:
+        if isinstance(v, fx.Node):
+            return f"{v.name} ({describe(v, gm)})" if v.op not in ("placeholder", "get_attr") else v.name
+        return type(v).__name__
+    if isinstance(result, dict):
+        items = ", ".join(f"{k!r}: {one(v)}" for k, v in result.items())
+        return f"dict with keys {list(result)} ({items})"
+    if isinstance(result, (tuple, list)):
+        items = ", ".join(f"[{i}] {one(v)}" for i, v in enumerate(result))
+        return f"{type(result).__name__} of {len(result)}: {items}"
+    return one(result)
 
 
 def _relevance_path(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> tuple[fx.Node, fx.Node, list[fx.Node]]:
+    """(input, output, path): the nodes that receive relevance, walking back from the output.
+
+    A node is on the path when it depends on the input and relevance reaches it through
+    :func:`relevance_inputs`; a squeeze-and-excitation gate's branch is not on it.
+    """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
-        from lrpfx.errors import TraceError
         raise TraceError(f"lrpfx explains models with one tensor input; this forward takes "
                          f"{[p.name for p in placeholders]}. Hint: wrap the model so that forward(x) takes one tensor.")
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     result = out_node.args[0]
     if not isinstance(result, fx.Node):
-        from lrpfx.errors import TraceError
-        raise TraceError(f"the model returns {type(result).__name__} ({result!r}); lrpfx explains a model that "
-                         "returns one tensor of class scores. Hint: wrap it, e.g. `lambda x: model(x)['logits']`.")
+        raise TraceError(
+            f"the model returns {type(result).__name__} ({describe_output(result, gm)}); lrpfx explains a model "
+            "that returns one tensor of class scores. Hint: wrap it so that it returns the class scores, or select "
+            "them with lrpfx.compile(model, output=<index or key>).")
     depends: set[fx.Node] = set()
     for n in gm.graph.nodes:
         if n.op == "placeholder" or any(a in depends for a in n.all_input_nodes):
@@ -110,7 +143,7 @@ def _relevance_path(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> tuple[fx.N
         if n in feeds or n not in depends:
             continue
         feeds.add(n)
-        stack.extend(n.all_input_nodes)
+        stack.extend(relevance_inputs(n, kinds.get(n), depends))
     return placeholders[0], result, [n for n in gm.graph.nodes if n in feeds]
 
 

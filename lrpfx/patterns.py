@@ -18,19 +18,28 @@ import torch.nn.functional as F
 
 CONV_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 LINEAR_TYPES: tuple[type, ...] = (nn.Linear,)
-BATCHNORM_TYPES: tuple[type, ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+#: every BatchNorm (1d/2d/3d, SyncBatchNorm, and the module made from an ``F.batch_norm`` call)
+BATCHNORM_TYPES: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm,)
 MAXPOOL_TYPES: tuple[type, ...] = (nn.MaxPool2d,)
+ADAPTIVE_MAXPOOL_TYPES: tuple[type, ...] = (nn.AdaptiveMaxPool2d,)
 AVGPOOL_TYPES: tuple[type, ...] = (nn.AvgPool2d,)
 ADAPTIVE_AVGPOOL_TYPES: tuple[type, ...] = (nn.AdaptiveAvgPool2d,)
 
 _MODULE_KINDS: tuple[tuple[tuple[type, ...], str], ...] = (
     (CONV_TYPES, "conv"), (LINEAR_TYPES, "linear"), (BATCHNORM_TYPES, "batchnorm"),
-    (MAXPOOL_TYPES, "maxpool"), (AVGPOOL_TYPES, "avgpool"), (ADAPTIVE_AVGPOOL_TYPES, "adaptive_avgpool"),
+    (MAXPOOL_TYPES + ADAPTIVE_MAXPOOL_TYPES, "maxpool"), (AVGPOOL_TYPES, "avgpool"),
+    (ADAPTIVE_AVGPOOL_TYPES, "adaptive_avgpool"),
 )
 _FUNCTION_KINDS: dict[Callable, str] = {
-    torch.relu: "relu", operator.add: "add", torch.flatten: "reshape", torch.reshape: "reshape",
+    torch.relu: "relu", F.hardtanh: "hardtanh", operator.add: "add", torch.cat: "cat",
+    torch.flatten: "reshape", torch.reshape: "reshape", torch.squeeze: "reshape", torch.unsqueeze: "reshape",
     F.adaptive_avg_pool2d: "adaptive_avgpool",
 }
+#: canonical gate functions (a gate takes values in [0, 1]); see :func:`gate_operands`
+GATE_FUNCTIONS: frozenset[Callable] = frozenset({torch.sigmoid, F.hardsigmoid})
+#: ops that only move a gate's values around between the gate function and the product
+_GATE_PLUMBING_FUNCTIONS = {torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze}
+_GATE_PLUMBING_METHODS = {"expand", "expand_as", "view", "reshape", "squeeze", "unsqueeze", "flatten"}
 #: nodes that compute shapes, not tensors: they never carry relevance
 _SHAPE_METHODS = {"size", "dim"}
 _SHAPE_ATTRS = {"shape", "ndim", "dtype", "device"}
@@ -43,12 +52,15 @@ def op_kind(node: fx.Node, gm: fx.GraphModule) -> str | None:
         return next((kind for types, kind in _MODULE_KINDS if isinstance(m, types)), None)
     if node.op == "call_function" and node.target in _FUNCTION_KINDS:
         return _FUNCTION_KINDS[node.target]
-    if _is_shape(node):
+    if node.op == "call_function" and node.target is operator.mul and gate_operands(node) is not None:
+        return "gate"
+    if is_shape(node):
         return "shape"
     return None
 
 
-def _is_shape(node: fx.Node) -> bool:
+def is_shape(node: fx.Node) -> bool:
+    """Whether ``node`` computes a shape (``x.shape``, ``x.size(1)``, ``x.ndim == 4``), not a tensor."""
     if node.op == "call_method" and node.target in _SHAPE_METHODS:
         return True
     if node.op == "call_function" and node.target is getattr and node.args[1] in _SHAPE_ATTRS:
@@ -56,7 +68,37 @@ def _is_shape(node: fx.Node) -> bool:
     tensor_args = [a for a in node.all_input_nodes]
     return (node.op == "call_function" and bool(tensor_args)
             and node.target in (operator.getitem, operator.mul, operator.floordiv, operator.add, operator.sub)
-            and all(_is_shape(a) for a in tensor_args))
+            and all(is_shape(a) for a in tensor_args))
+
+
+def _gate_function(node: object) -> fx.Node | None:
+    """The gate function (sigmoid, hard-sigmoid) that ``node`` is a reshaped or expanded view of, or None."""
+    while isinstance(node, fx.Node):
+        if node.op == "call_function" and node.target in GATE_FUNCTIONS:
+            return node
+        plumbing = ((node.op == "call_function" and node.target in _GATE_PLUMBING_FUNCTIONS)
+                    or (node.op == "call_method" and node.target in _GATE_PLUMBING_METHODS))
+        node = node.args[0] if plumbing and node.args else None
+    return None
+
+
+def gate_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """``(signal, gate)`` of a gated product ``signal * gate``, or None if ``node`` is not one.
+
+    A product is a gate when exactly one factor is a sigmoid or hard-sigmoid (possibly
+    reshaped or expanded), as in squeeze-and-excitation, and that gate is not computed
+    from the other factor directly: ``x * sigmoid(x)`` is SiLU, an activation, not a gate.
+    """
+    if len(node.args) != 2 or not all(isinstance(a, fx.Node) for a in node.args):
+        return None
+    gates = [_gate_function(a) for a in node.args]
+    if (gates[0] is None) == (gates[1] is None):
+        return None
+    i = 0 if gates[1] is not None else 1
+    signal, gate = node.args[i], node.args[1 - i]
+    if gates[1 - i].args[0] is signal:  # type: ignore[union-attr]
+        return None
+    return signal, gate  # type: ignore[return-value]
 
 
 def describe(node: fx.Node, gm: fx.GraphModule) -> str:
@@ -146,7 +188,11 @@ for _p in (
     Pattern("linear", frozenset({"linear"}), doc="Linear"),
     Pattern("batchnorm", frozenset({"batchnorm"}), doc="a BatchNorm that could not be folded"),
     Pattern("relu", frozenset({"relu"}), doc="ReLU in any spelling"),
-    Pattern("maxpool", frozenset({"maxpool"}), doc="MaxPool2d"),
+    Pattern("hardtanh", frozenset({"hardtanh"}), doc="ReLU6, Hardtanh and clamp(x, lo, hi) with lo <= 0 <= hi: "
+            "piecewise linear through 0"),
+    Pattern("gate", frozenset({"gate"}), doc="a gated product x * sigmoid(...) (squeeze-and-excitation)"),
+    Pattern("concat", frozenset({"cat"}), doc="torch.cat and its spellings"),
+    Pattern("maxpool", frozenset({"maxpool"}), doc="MaxPool2d, AdaptiveMaxPool2d"),
     Pattern("avgpool", frozenset({"avgpool", "adaptive_avgpool"}), doc="AvgPool2d, AdaptiveAvgPool2d, spatial mean"),
     Pattern("add", frozenset({"add"}), doc="a sum of two tensors (residual add)"),
     Pattern("reshape", frozenset({"reshape"}), doc="flatten, view, reshape"),

@@ -26,8 +26,8 @@ class Op:
     """One op of the forward graph, as a rule sees it.
 
     Attributes:
-        kind: the op kind (``conv``, ``linear``, ``batchnorm``, ``relu``, ``maxpool``,
-            ``avgpool``, ``adaptive_avgpool``, ``add``, ``reshape``).
+        kind: the op kind (``conv``, ``linear``, ``batchnorm``, ``relu``, ``hardtanh``, ``maxpool``,
+            ``avgpool``, ``adaptive_avgpool``, ``add``, ``cat``, ``gate``, ``reshape``).
         node: the name of the forward node (for messages).
         inputs: handles of the tensor inputs that take relevance, in order.
         out: handle of the op's forward output.
@@ -121,9 +121,10 @@ class Epsilon(Rule):
                          (a, op.out, op.rel, op.params["running_var"], op.params.get("weight")),
                          {"bn_eps": op.attrs["bn_eps"], "eps": self.eps}),)
         if op.kind == "avgpool":
-            return (Call(kernels.avgpool, (a, op.out, op.rel),
-                         {"eps": self.eps, **{k: op.attrs[k] for k in
-                                              ("kernel_size", "stride", "padding", "count_include_pad")}}),)
+            pool = {k: op.attrs[k] for k in ("kernel_size", "stride", "padding", "count_include_pad")}
+            if op.attrs.get("ceil_mode") or op.attrs.get("divisor_override") is not None:
+                pool.update(ceil_mode=op.attrs["ceil_mode"], divisor_override=op.attrs["divisor_override"])
+            return (Call(kernels.avgpool, (a, op.out, op.rel), {"eps": self.eps, **pool}),)
         if op.kind == "adaptive_avgpool":
             return (Call(kernels.adaptive_avgpool2d, (a, op.out, op.rel), {"eps": self.eps}),)
         factor = Call(kernels.add_split, (op.out, op.rel), {"eps": self.eps})
@@ -233,6 +234,14 @@ class ZBox(Rule):
 
     def apply(self, op: Op) -> tuple[Call, ...]:
         low, high = self.bounds()
+        channels = op.attrs.get("in_channels")
+        for label, value in (("low", low), ("high", high)):
+            if isinstance(value, tuple) and channels is not None and len(value) != channels:
+                raise RuleSetError(
+                    f"node {op.node}: zbox bound {label}={value} has {len(value)} channel(s) but the layer takes "
+                    f"{channels} input channel(s) (the default bounds are ImageNet's, for RGB). Hint: bind the "
+                    f"first layer with {channels} values, e.g. bindings={{'first_layer': lrpfx.ZBox(mean=..., "
+                    "std=...)}}, or scalar low/high.")
         return (Call(kernels.zbox, (op.inputs[0], op.rel, op.params["weight"]),
                      {"low": low, "high": high, "eps": self.stabilizer, **_geometry(op)}),)
 
@@ -267,11 +276,17 @@ class WSquare(Rule):
 # --------------------------------------------------------------------------- parameter-free ops
 @dataclass(frozen=True)
 class Pass(Rule):
-    """Pass relevance through unchanged: activations (ReLU), reshapes, and BatchNorm as in zennit."""
+    """Pass relevance through unchanged: activations, reshapes, and BatchNorm as in zennit.
+
+    Activations: ReLU, and ReLU6/Hardtanh/clamp(lo, hi) with lo <= 0 <= hi, piecewise linear
+    through 0. For these the pass-through is LRP-0 on a = (a / z) z, i.e. the secant slope
+    a/z as the derivative: where the clip is inactive (lo < z < hi) it is the gradient, where
+    it clips it is not (so LRP-0 equals Input x Gradient only while no unit saturates).
+    """
 
     zero_at_zero: ClassVar[str] = "transmit"
     name: ClassVar[str] = "pass"
-    kinds: ClassVar[frozenset[str]] = frozenset({"relu", "reshape", "batchnorm"})
+    kinds: ClassVar[frozenset[str]] = frozenset({"relu", "hardtanh", "reshape", "batchnorm"})
 
     def apply(self, op: Op) -> tuple[Call, ...]:
         return (Call(kernels.reshape_as, (op.rel, op.inputs[0])),)
@@ -286,8 +301,49 @@ class WinnerTakesAll(Rule):
     kinds: ClassVar[frozenset[str]] = frozenset({"maxpool"})
 
     def apply(self, op: Op) -> tuple[Call, ...]:
+        if "output_size" in op.attrs:  # adaptive max pooling
+            return (Call(kernels.adaptive_maxpool_wta, (op.inputs[0], op.rel),
+                         {"output_size": op.attrs["output_size"]}),)
         return (Call(kernels.maxpool_wta, (op.inputs[0], op.rel),
                      {k: op.attrs[k] for k in ("kernel_size", "stride", "padding", "dilation", "ceil_mode")}),)
+
+
+@dataclass(frozen=True)
+class SignalTakesAll(Rule):
+    """A multiplicative gate y = x * g: the signal x takes all relevance, the gate g none.
+
+    "Signal-take-all" (Arras et al., 2017, "Explaining recurrent neural network predictions in
+    sentiment analysis", WASSA; Arras et al., 2019, LNCS 11700, ch. 11) for the gates of LSTMs:
+    the gate decides how much of the signal passes and is not itself an explanation of the
+    output. Applied here to squeeze-and-excitation (Hu et al., 2018), where g = sigmoid(...)
+    is computed from the signal's channel means: R_x = R_y, and the gate's branch is not on
+    the relevance path at all. It is LRP-0 (and LRP-eps as eps -> 0) on y = g x with g held
+    constant, so LRP-0 equals Input x Gradient of the model with its gates detached.
+    """
+
+    zero_at_zero: ClassVar[str] = "transmit"
+    name: ClassVar[str] = "signal_takes_all"
+    kinds: ClassVar[frozenset[str]] = frozenset({"gate"})
+
+    def apply(self, op: Op) -> tuple[Call, ...]:
+        return (Call(kernels.signal_takes_all, (op.rel, op.inputs[0])),)
+
+
+@dataclass(frozen=True)
+class Slice(Rule):
+    """Concatenation y = cat(x_1, ..., x_n): each x_i takes its own slice of R_y (exact conservation).
+
+    Concatenation is routing, not mixing: LRP-0, epsilon and z+ all reduce to this, and so does
+    the gradient (each output unit has exactly one input, with weight 1).
+    """
+
+    zero_at_zero: ClassVar[str] = "transmit"
+    name: ClassVar[str] = "slice"
+    kinds: ClassVar[frozenset[str]] = frozenset({"cat"})
+
+    def apply(self, op: Op) -> tuple[Call, ...]:
+        return tuple(Call(kernels.cat_slice, (op.rel, op.attrs["parts"]), {"dim": op.attrs["dim"], "index": i})
+                     for i in op.attrs["index"])
 
 
 @dataclass(frozen=True)
@@ -303,6 +359,7 @@ class AvgMatched(Rule):
     stabilizer: float = 1e-6
 
     def apply(self, op: Op) -> tuple[Call, ...]:
+        _not_adaptive(self, op)
         if op.attrs["dilation"] != (1, 1) or op.attrs["ceil_mode"]:
             raise RuleSetError(f"node {op.node}: avg_matched needs a max-pool without dilation and ceil_mode. "
                                "Hint: bind 'wta' to this max-pool instead.")
@@ -310,6 +367,12 @@ class AvgMatched(Rule):
         attrs = {k: op.attrs[k] for k in ("kernel_size", "stride", "padding")}
         z = Call(kernels.avg_pool, (a,), attrs)
         return (Call(kernels.avgpool, (a, z, op.rel), {"eps": self.stabilizer, "count_include_pad": True, **attrs}),)
+
+
+def _not_adaptive(rule: Rule, op: Op) -> None:
+    if "output_size" in op.attrs:
+        raise RuleSetError(f"node {op.node}: rule {rule.name!r} needs a max-pool with a fixed window, not an "
+                           "adaptive one. Hint: bind 'wta' to this max-pool instead.")
 
 
 # --------------------------------------------------------------------------- the ECCV release's choices
@@ -340,6 +403,7 @@ class AvgSubstitute(Rule):
     stabilizer: float = 1e-5
 
     def apply(self, op: Op) -> tuple[Call, ...]:
+        _not_adaptive(self, op)
         return (Call(kernels.avg_substitute, (op.inputs[0], op.rel), {"kernel": self.kernel, "eps": self.stabilizer}),)
 
 
@@ -351,8 +415,16 @@ ECCV_MODES = {"simple": ("symmetric", False), "flows_skip_simple": ("symmetric",
 
 
 def _block_args(op: Op) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    return ((op.params["weights"], op.params["skip_weight"]),
-            {"geometry": op.attrs["geometry"], "skip_geometry": op.attrs["skip_geometry"]})
+    """(weights, skip weight), and the block's static geometry; a pooled shortcut adds ``skip_pool``."""
+    kwargs = {"geometry": op.attrs["geometry"], "skip_geometry": op.attrs["skip_geometry"]}
+    if op.attrs.get("skip_pool") is not None:
+        kwargs["skip_pool"] = op.attrs["skip_pool"]
+    return (op.params["weights"], op.params["skip_weight"]), kwargs
+
+
+def _gate(op: Op) -> tuple[Any, ...]:
+    """The gate tensor as a trailing positional argument, for a block that has one."""
+    return () if op.attrs.get("gate") is None else (op.attrs["gate"],)
 
 
 def _needs_folded(rule: Rule, op: Op) -> None:
@@ -377,7 +449,7 @@ class DenseEpsilon(Rule):
     def apply(self, op: Op) -> tuple[Call, ...]:
         _needs_folded(self, op)
         (w, sw), geo = _block_args(op)
-        return (Call(kernels.block_dense_eps, (op.inputs[0], op.out, op.rel, op.attrs["acts"], w, sw),
+        return (Call(kernels.block_dense_eps, (op.inputs[0], op.out, op.rel, op.attrs["acts"], w, sw, *_gate(op)),
                      {**geo, "eps": self.eps}),)
 
 
@@ -393,7 +465,8 @@ class DenseZPlus(Rule):
     def apply(self, op: Op) -> tuple[Call, ...]:
         _needs_folded(self, op)
         (w, sw), geo = _block_args(op)
-        return (Call(kernels.block_dense_zplus, (op.inputs[0], op.out, op.rel, op.attrs["acts"], w, sw),
+        return (Call(kernels.block_dense_zplus, (op.inputs[0], op.out, op.rel, op.attrs["acts"], w, sw,
+                                                 *_gate(op)),
                      {**geo, "eps": self.stabilizer}),)
 
 
@@ -487,5 +560,5 @@ def registered_rules() -> dict[str, type[Rule]]:
 
 
 for _cls in (Epsilon, Zero, Norm, ZPlus, AlphaBeta, Gamma, ZBox, Flat, WSquare, Pass, WinnerTakesAll, AvgMatched,
-             FlatPositive, AvgSubstitute, DenseEpsilon, DenseZPlus, EccvSplit, Renormalize):
+             SignalTakesAll, Slice, FlatPositive, AvgSubstitute, DenseEpsilon, DenseZPlus, EccvSplit, Renormalize):
     register_rule(_cls)

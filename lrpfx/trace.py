@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 
 import torch
 import torch.fx as fx
@@ -10,6 +10,8 @@ import torch.fx as fx
 from lrpfx.errors import TraceError, TrainModeError
 
 LeafSpec = type | str
+#: which output is the class-score tensor, for a model that returns a tuple/list (index) or dict (key)
+OutputSpec = int | str | Hashable | None
 
 
 class _LeafTracer(fx.Tracer):
@@ -27,19 +29,23 @@ class _LeafTracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
 
-def trace(model: torch.nn.Module, leaf_modules: Iterable[LeafSpec] = ()) -> fx.GraphModule:
+def trace(model: torch.nn.Module, leaf_modules: Iterable[LeafSpec] = (), output: OutputSpec = None) -> fx.GraphModule:
     """Trace a deep copy of ``model``; the model itself is never touched.
 
     Args:
         model: an ``nn.Module`` in eval mode.
         leaf_modules: module types or qualified names to keep as single calls.
+        output: for a model that returns a tuple/list or a dict, the index or key of the
+            class-score tensor; the traced graph then returns that tensor only.
 
     Raises:
         TrainModeError: the model (or a submodule) is in training mode.
-        TraceError: torch.fx cannot trace the model (e.g. data-dependent control flow).
+        TraceError: torch.fx cannot trace the model (e.g. data-dependent control flow), or
+            ``output`` does not select a tensor of the model's output.
     """
     if not isinstance(model, torch.nn.Module):
-        raise TraceError(f"lrpfx.compile needs an nn.Module, got {type(model).__name__}.")
+        raise TraceError(f"lrpfx.compile needs an nn.Module, got {type(model).__name__}. "
+                         "Hint: wrap a function in an nn.Module whose forward calls it.")
     training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
     if training:
         raise TrainModeError(
@@ -54,4 +60,31 @@ def trace(model: torch.nn.Module, leaf_modules: Iterable[LeafSpec] = ()) -> fx.G
             f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {e}. Hint: data-dependent "
             "control flow cannot be traced; mark the submodule that contains it as a leaf "
             "(lrpfx.compile(model, leaf_modules=[TheModule])) and register a rule for it.") from e
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    if output is not None:
+        select_output(gm, output)
+    return gm
+
+
+def select_output(gm: fx.GraphModule, output: OutputSpec) -> None:
+    """Make ``gm`` return only ``output`` (an index or key) of its tuple/list/dict output, in place."""
+    from lrpfx.match import describe_output  # late: match imports the stages after this one
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    result = out_node.args[0]
+    if isinstance(result, fx.Node) or not isinstance(result, (tuple, list, dict)):
+        raise TraceError(f"output={output!r} selects from a tuple, list or dict, but the model returns one value "
+                         f"({describe_output(result, gm)}). Hint: leave output=None for a model that returns "
+                         "its class scores.")
+    keys = list(result) if isinstance(result, dict) else list(range(len(result)))
+    if isinstance(result, (tuple, list)) and isinstance(output, int) and -len(result) <= output < 0:
+        output += len(result)
+    if isinstance(output, bool) or output not in keys:
+        raise TraceError(f"output={output!r} is not among the model's outputs ({describe_output(result, gm)}). "
+                         f"Hint: pass one of {keys}.")
+    chosen = result[output]
+    if not isinstance(chosen, fx.Node):
+        raise TraceError(f"output={output!r} selects {type(chosen).__name__}, not a tensor "
+                         f"({describe_output(result, gm)}). Hint: select the class-score tensor.")
+    out_node.args = (chosen,)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
