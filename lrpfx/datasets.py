@@ -169,20 +169,21 @@ def _colour(rng: np.random.Generator) -> np.ndarray:
     return rng.random(3, dtype=np.float32)
 
 
-def _far_colour(rng: np.random.Generator, ref: np.ndarray, tries: int = 32) -> np.ndarray:
-    """A random colour at least MIN_CONTRAST from ``ref`` (rejection sampling, bounded)."""
+def _far_colour(rng: np.random.Generator, refs: tuple[np.ndarray, ...], tries: int = 32) -> np.ndarray:
+    """A random colour at least MIN_CONTRAST from every colour in ``refs`` (rejection sampling)."""
     for _ in range(tries):
         c = _colour(rng)
-        if np.linalg.norm(c - ref) >= MIN_CONTRAST:
+        if all(np.linalg.norm(c - r) >= MIN_CONTRAST for r in refs):
             return c
-    # Fall back to the colour opposite ref; it is >= 0.5 away in the brightest channel.
-    return (ref < 0.5).astype(np.float32) * 0.9 + 0.05
+    # Fall back to the colour opposite the first reference: >= 0.45 away in every channel.
+    return (refs[0] < 0.5).astype(np.float32) * 0.9 + 0.05
 
 
-def _texture(rng: np.random.Generator, c1: np.ndarray, c2: np.ndarray, kinds: tuple[str, ...], size: int) -> Texture:
+def _texture(rng: np.random.Generator, c1: np.ndarray, c2: np.ndarray, kinds: tuple[str, ...], size: int,
+             periods: tuple[float, float]) -> Texture:
     kind = kinds[rng.integers(len(kinds))]
     grid = rng.random((size // 8 + 2, size // 8 + 2), dtype=np.float32) if kind == "blotch" else None
-    return Texture(kind, c1, c2, angle=float(rng.uniform(0, np.pi)), period=float(rng.uniform(3.0, 12.0)),
+    return Texture(kind, c1, c2, angle=float(rng.uniform(0, np.pi)), period=float(rng.uniform(*periods)),
                    phase=float(rng.uniform(0, 2 * np.pi)), grid=grid)
 
 
@@ -218,17 +219,17 @@ def sample_scene(rng: np.random.Generator, size: int = 64, label: int | None = N
     label = int(rng.integers(len(CLASSES))) if label is None else label
     obj = _sample_object(rng, size, label)
     b1 = _colour(rng)
-    b2 = np.clip(b1 + rng.uniform(-0.45, 0.45, 3), 0, 1).astype(np.float32)
-    o1 = _far_colour(rng, (b1 + b2) / 2)
+    b2 = np.clip(b1 + rng.uniform(-0.3, 0.3, 3), 0, 1).astype(np.float32)
+    o1 = _far_colour(rng, (b1, b2))
     o2 = np.clip(o1 + rng.uniform(-0.2, 0.2, 3), 0, 1).astype(np.float32)
     o_mean = (o1 + o2) / 2
-    under = tuple(_sample_distractor(rng, size, _far_colour(rng, o_mean)) for _ in range(rng.integers(2, 6)))
+    under = tuple(_sample_distractor(rng, size, _far_colour(rng, (o_mean,))) for _ in range(rng.integers(2, 6)))
     n_over = int(rng.integers(1, 3)) if rng.random() < 0.5 else 0
-    over = tuple(_sample_distractor(rng, size, _far_colour(rng, o_mean), over=True) for _ in range(n_over))
+    over = tuple(_sample_distractor(rng, size, _far_colour(rng, (o_mean,)), over=True) for _ in range(n_over))
     return Scene(
         size, label, obj,
-        _texture(rng, o1, o2, ("flat", "stripes", "checker", "blotch"), size),
-        _texture(rng, b1, b2, ("stripes", "checker", "blotch", "gradient"), size),
+        _texture(rng, o1, o2, ("flat", "stripes", "checker", "blotch"), size, (3.0, 8.0)),
+        _texture(rng, b1, b2, ("stripes", "checker", "blotch", "gradient"), size, (0.1 * size, 0.25 * size)),
         under, over, rng.uniform(-0.03, 0.03, (size, size, 3)).astype(np.float32),
     )
 

@@ -19,13 +19,23 @@ def explanations(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, 
     """Every method's map for the batch ``x`` and classes ``target`` (column title -> maps)."""
     columns: dict[str, Any] = {}
     with torch.inference_mode():
-        columns["C3-LRP"] = lrpfx.compile(model, "c3_lrp", c3=True)(x, target)[2]
+        columns["C3-LRP"] = lrpfx.compile(model, "c3_lrp", c3=c3_options(x))(x, target)[2]
         columns["LRP"] = lrpfx.compile(model, "epsilon_plus_flat")(x, target)[0]
     columns["Grad-CAM"] = _gradcam(model, x, target)
     from lrpfx.rise import rise
     columns["RISE"] = rise(model, x, target, n_masks=rise_masks)
     columns["Input x Gradient"] = _input_x_gradient(model, x, target)
     return columns
+
+
+def c3_options(x: torch.Tensor) -> dict[str, Any]:
+    """C3 at 1/4 of the image side for small images (64 -> 16), else the default 28 x 28.
+
+    The default (28, 28) is ECCV's 224 / 8; cv2's area resize is only exact in tensor form for
+    integer factors, and 28 does not divide 64.
+    """
+    side = x.shape[-1]
+    return {"resize_to": (side // 4, side // 4)} if side % 28 else {}
 
 
 def _gradcam(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -119,6 +119,7 @@ def _probabilities(model: torch.nn.Module, x: torch.Tensor, target: int, batch_s
 
 
 def _check_maps(images: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """Maps as (N, H, W) at the images' resolution, or a ValueError that says how to fix them."""
     maps = maps[:, 0] if maps.dim() == 4 and maps.shape[1] == 1 else maps
     if maps.dim() != 3 or maps.shape[0] != images.shape[0] or maps.shape[-2:] != images.shape[-2:]:
         raise ValueError(f"maps of shape {tuple(maps.shape)} do not match images {tuple(images.shape)}. "
@@ -139,9 +140,8 @@ def _substrates(images: torch.Tensor, protocol: Protocol, mean: Sequence[float],
 
 
 def insertion_deletion(model: torch.nn.Module, images: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor | Sequence[int] | None, *,
-                       protocol: Protocol = "eccv_patch", patch: int = 1, step: int | None = None,
-                       mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225),
-                       batch_size: int = 128) -> InsDelResult:
+                       mean: Sequence[float], std: Sequence[float], protocol: Protocol = "eccv_patch",
+                       patch: int = 1, step: int | None = None, batch_size: int = 128) -> InsDelResult:
     """Insertion and deletion AUCs of attribution maps (METHOD_SPEC §5.1).
 
     ``"eccv_patch"`` (the ECCV 2024 code, exactly): P = max-pool of the map over p x p
@@ -165,7 +165,9 @@ def insertion_deletion(model: torch.nn.Module, images: torch.Tensor, maps: torch
         step: patches per step; default ``default_step``: N/100 rounded for "eccv_patch"
             (41 at 64 x 64, 502 at 224 x 224; pass 500 for the ECCV setting), the image
             width for "rise" (224 at 224 x 224 as in the paper).
-        mean, std: the normalisation of ``images`` (defines black).
+        mean, std: the normalisation of ``images``, which defines black in "eccv_patch"
+            (``lrpfx.datasets.MEAN``/``STD`` for the shapes dataset); required so that
+            another dataset's constants are never used by default.
         batch_size: forward passes per model call.
 
     Returns:
@@ -216,6 +218,7 @@ def pool_channels(relevance: torch.Tensor, pooling: Pooling = "sum,pos") -> torc
 
 
 def _check_masks(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Masks as bool, with the pooled maps' shape, or a ValueError that says how to fix them."""
     if masks.shape != maps.shape:
         raise ValueError(f"masks of shape {tuple(masks.shape)} do not match pooled maps {tuple(maps.shape)}. "
                          "Hint: pass one bool (H, W) mask per map at the map's resolution.")

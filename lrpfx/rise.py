@@ -37,6 +37,7 @@ def generate_masks(n_masks: int, size: tuple[int, int], cell_size: int = 8, p: f
     g = torch.Generator().manual_seed(seed)
     grid = (torch.rand(n_masks, 1, gh, gw, generator=g) < p).to(dtype)
     up = F.interpolate(grid, size=((gh + 1) * cell_size, (gw + 1) * cell_size), mode="bilinear", align_corners=False)
+    up = up.clamp_(0, 1)  # bilinear weights can overshoot 1 by a rounding error
     dy = torch.randint(0, cell_size, (n_masks,), generator=g).tolist()
     dx = torch.randint(0, cell_size, (n_masks,), generator=g).tolist()
     return torch.stack([up[i, 0, y:y + h, x:x + w] for i, (y, x) in enumerate(zip(dy, dx))])
@@ -71,8 +72,13 @@ def rise(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor | l
         seed: the masks' seed; equal seeds give equal maps.
     """
     masks = generate_masks(n_masks, tuple(images.shape[-2:]), cell_size, p, seed, images.dtype)
-    with torch.no_grad():
+    maps = []
+    for i, x in enumerate(images):
+        sal = saliency_all_classes(model, x, masks, p, batch_size)
         if targets is None:
-            targets = model(images).argmax(1)
-    targets = torch.as_tensor(targets).tolist()
-    return torch.stack([saliency_all_classes(model, x, masks, p, batch_size)[t] for x, t in zip(images, targets)])
+            with torch.no_grad():
+                t = int(model(x[None]).argmax(1))
+        else:
+            t = int(targets[i])
+        maps.append(sal[t])
+    return torch.stack(maps)

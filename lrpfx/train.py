@@ -1,11 +1,11 @@
 """Train a bundled model on the synthetic shapes dataset, on CPU.
 
-    python -m lrpfx.train --model resnet50_w16 --out lrpfx/weights/ --seed 0 --epochs 8 --threads 1
+    python -m lrpfx.train --model resnet50_w16 --out lrpfx/weights/ --seed 0 --epochs 9 --threads 1
 
 Every epoch draws ``--epoch-size`` *fresh* training images (indices continue from the
 previous epoch), so the model never sees an image twice and needs no augmentation; pass
 ``--train-size N`` to cycle through a fixed set of N images instead. SGD with Nesterov
-momentum and a one-cycle learning-rate schedule; cross-entropy (for the ABN, the sum of
+momentum or (the default) AdamW, with a one-cycle learning-rate schedule; cross-entropy (for the ABN, the sum of
 both branches' cross-entropies). Writes ``<out>/<model>.safetensors`` and
 ``<out>/<model>.json`` (classes, mean/std, test accuracy, the command, seed, wall time).
 """
@@ -33,13 +33,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="resnet50_w16", help="resnet50_w16, resnet18_w16, abn_resnet50_w16, ...")
     p.add_argument("--out", default="lrpfx/weights/", help="folder for <model>.safetensors and <model>.json")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and of the data")
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=9)
     p.add_argument("--epoch-size", type=int, default=12_800, help="training images per epoch")
     p.add_argument("--train-size", type=int, default=0, help="cycle a fixed set of this many images (0: fresh)")
     p.add_argument("--test-size", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate of the one-cycle schedule")
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default="adamw")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
@@ -88,11 +89,13 @@ def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, args: 
 
 
 def make_optimizer(model: nn.Module, args: argparse.Namespace) -> tuple[torch.optim.Optimizer, Any]:
-    """SGD (Nesterov, momentum 0.9), no weight decay on BatchNorm and biases, one-cycle LR."""
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
-                           {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, momentum=0.9, nesterov=True)
+    """SGD (Nesterov, momentum 0.9) or AdamW, no weight decay on BatchNorm and biases, one-cycle LR."""
+    groups = [{"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": args.weight_decay},
+              {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
+    if args.optimizer == "adamw":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=args.lr)
+    else:
+        opt = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, nesterov=True)
     total = args.epochs * (args.epoch_size // args.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=total, pct_start=0.15)
     return opt, sched

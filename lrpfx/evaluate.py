@@ -1,0 +1,231 @@
+"""The ground-truth evaluation: ``lrpfx eval`` / ``python -m lrpfx.evaluate``.
+
+Every method explains the same generated test images of the synthetic shapes benchmark for
+the same classes (the ground truth, as the ECCV metric does), and every map is scored with the
+metrics of METHOD_SPEC §5 against the objects' masks: patch insertion/deletion and the ID score
+(ECCV protocol, step scaled to the image), the pointing game, relevance mass and rank accuracy,
+the IoU of the attended region, the IA/OA/WA class of every failure, and, for the LRP methods,
+conservation (sum of the map over the output relevance).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import lrpfx
+from lrpfx import metrics
+
+
+@dataclass
+class MethodOutput:
+    """A method's maps (N, H, W) at image resolution, its attended region, and its conservation."""
+
+    maps: torch.Tensor
+    attended: torch.Tensor | None = None
+    conservation: torch.Tensor | None = None
+
+
+Method = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], MethodOutput]
+
+
+def _lrp(rules: str, c3: bool = False, heat: int | None = None) -> Method:
+    def run(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> MethodOutput:
+        from lrpfx.demo import c3_options
+        explainer = lrpfx.compile(model, rules, c3=c3_options(x) if c3 else False)
+        with torch.inference_mode():
+            out = explainer(x, target)
+        relevance, logits = out[0], out[1]
+        top = logits.softmax(1) if explainer_top(rules) == "softmax" else logits
+        conservation = relevance.flatten(1).sum(1) / top.gather(1, target[:, None]).squeeze(1)
+        if c3:
+            return MethodOutput(out[2].float(), out[3], conservation)
+        maps = relevance.sum(1)
+        if heat:
+            from lrpfx.postprocess import heat_quantize
+            maps = heat_quantize(maps, heat)
+        return MethodOutput(maps, None, conservation)
+    return run
+
+
+def explainer_top(rules: str) -> str:
+    return lrpfx.RuleSet.ensure(rules).top
+
+
+def _cam(kind: str) -> Method:
+    def run(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> MethodOutput:
+        import pytorch_grad_cam as pgc
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+        cls = {"gradcam": pgc.GradCAM, "scorecam": pgc.ScoreCAM}[kind]
+        with cls(model=model, target_layers=[model.layer4[-1]]) as cam:
+            maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in target])
+        return MethodOutput(torch.from_numpy(maps).float())
+    return run
+
+
+def _captum(kind: str) -> Method:
+    def run(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> MethodOutput:
+        import captum.attr as ca
+        method = {"ixg": ca.InputXGradient, "ig": ca.IntegratedGradients, "gbp": ca.GuidedBackprop}[kind](model)
+        kwargs = {"n_steps": 32, "internal_batch_size": 64} if kind == "ig" else {}
+        attr = method.attribute(x.clone().requires_grad_(True), target=target, **kwargs)
+        return MethodOutput(attr.detach().sum(1).float())
+    return run
+
+
+def _rise(n_masks: int) -> Method:
+    def run(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> MethodOutput:
+        from lrpfx.rise import rise
+        return MethodOutput(rise(model, x, target, n_masks=n_masks).float())
+    return run
+
+
+def _abn(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> MethodOutput:
+    from lrpfx.models import load_bundled
+    abn = load_bundled("abn_resnet50_w16")
+    with torch.no_grad():
+        return MethodOutput(abn.attention(x).reshape(x.shape[0], *x.shape[-2:]).float())
+
+
+def methods(n_masks: int) -> dict[str, Method]:
+    """The compared methods, in table order."""
+    return {
+        "C3-LRP (c3_lrp + C3)": _lrp("c3_lrp", c3=True),
+        "ECCV 2024 + HQ (eccv2024)": _lrp("eccv2024", heat=8),
+        "ECCV 2024 (eccv2024, no HQ)": _lrp("eccv2024"),
+        "LRP (epsilon_plus_flat)": _lrp("epsilon_plus_flat"),
+        "Grad-CAM": _cam("gradcam"),
+        "Score-CAM": _cam("scorecam"),
+        "Input x Gradient": _captum("ixg"),
+        "Integrated Gradients": _captum("ig"),
+        "Guided Backprop": _captum("gbp"),
+        f"RISE ({n_masks} masks)": _rise(n_masks),
+        "ABN (attention map)": _abn,
+    }
+
+
+def score(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, masks: torch.Tensor, out: MethodOutput,
+          mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, torch.Tensor | list[str]]:
+    """Per-image metrics of one method's maps."""
+    maps = out.maps
+    insdel = metrics.insertion_deletion(model, x, maps, target, protocol="eccv_patch", mean=mean, std=std)
+    per = {"Ins": insdel.insertion, "Del": insdel.deletion, "ID": insdel.id_score,
+           "Pointing": metrics.pointing_game(maps, masks, tolerance=max(1.0, 15 * x.shape[-1] / 224)).float(),
+           "RMA": metrics.relevance_mass_accuracy(maps, masks), "RRA": metrics.relevance_rank_accuracy(maps, masks),
+           "IoU": metrics.attended_iou(maps, masks, out.attended)}
+    if out.conservation is not None:
+        per["sum R / top"] = out.conservation.double()
+    per["error"] = metrics.error_type(maps, masks, out.attended)
+    return per
+
+
+def _mean_se(v: torch.Tensor) -> tuple[float, float]:
+    v = v.double()[~torch.isnan(v.double())]
+    if v.numel() == 0:
+        return float("nan"), float("nan")
+    se = float(v.std() / math.sqrt(v.numel())) if v.numel() > 1 else 0.0
+    return float(v.mean()), se
+
+
+def evaluate(n_images: int = 200, seed: int = 0, batch_size: int = 50, rise_masks: int = 2000,
+             only: list[str] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run every method on ``n_images`` generated test images; returns the results as a dict."""
+    from lrpfx.datasets import ShapesDataset
+    from lrpfx.loading import load_model
+    loaded = load_model("bundled")
+    model = loaded.model
+    data = ShapesDataset("test", n=n_images, seed=seed, normalize=True, return_mask=True)
+    samples = [data[i] for i in range(n_images)]
+    x = torch.stack([s[0] for s in samples])
+    target = torch.tensor([int(s[1]) for s in samples])
+    masks = torch.stack([torch.as_tensor(s[2]) for s in samples]).bool()
+    with torch.no_grad():
+        accuracy = float((model(x).argmax(1) == target).float().mean())
+    table: dict[str, Any] = {}
+    sanity = {"Ground-truth mask (upper bound)": MethodOutput(masks.float()),
+              "Random map (chance)": MethodOutput(torch.rand(masks.shape, generator=torch.Generator().manual_seed(seed)))}
+    todo = {**methods(rise_masks), **sanity}
+    iterator = list(todo.items())
+    for name, method in iterator:
+        if only and not any(o.lower() in name.lower() for o in only):
+            continue
+        t0 = time.perf_counter()
+        try:
+            per: dict[str, Any] = {}
+            for start in range(0, n_images, batch_size):
+                sl = slice(start, start + batch_size)
+                out = method if isinstance(method, MethodOutput) else method(model, x[sl], target[sl])
+                if isinstance(method, MethodOutput):
+                    out = MethodOutput(method.maps[sl])
+                part = score(model, x[sl], target[sl], masks[sl], out, loaded.mean, loaded.std)
+                for k, v in part.items():
+                    per[k] = per.get(k, []) + (list(v) if isinstance(v, list) else [v])
+            row = {k: _mean_se(torch.cat(v)) for k, v in per.items() if k != "error"}
+            row["errors"] = dict(Counter(per["error"]))
+            row["per_image_ID"] = torch.cat(per["ID"]).tolist()
+            row["seconds"] = time.perf_counter() - t0
+            table[name] = row
+        except Exception as e:  # a method that cannot run here is reported, not hidden
+            table[name] = {"failed": f"{type(e).__name__}: {str(e)[:200]}"}
+        if progress:
+            print(f"  {name}: {table[name].get('failed', 'done')} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    return {"n_images": n_images, "seed": seed, "model": loaded.name, "model_accuracy_on_these": accuracy,
+            "methods": table}
+
+
+COLUMNS = ("Ins", "Del", "ID", "Pointing", "RMA", "RRA", "IoU", "sum R / top")
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The results table (mean ± standard error over images, in %) and the IA/OA/WA counts."""
+    lines = [f"| method | {' | '.join(COLUMNS)} | OK / IA / OA / WA |", "|---" * (len(COLUMNS) + 2) + "|"]
+    for name, row in result["methods"].items():
+        if "failed" in row:
+            lines.append(f"| {name} | " + " | ".join("-" for _ in COLUMNS) + f" | failed: {row['failed'][:60]} |")
+            continue
+        cells = []
+        for c in COLUMNS:
+            if c not in row:
+                cells.append("-")
+                continue
+            m, se = row[c]
+            cells.append(f"{m:.3f} ± {se:.3f}" if c == "sum R / top" else f"{100 * m:.1f} ± {100 * se:.1f}")
+        e = row["errors"]
+        lines.append(f"| {name} | {' | '.join(cells)} | {e.get('OK', 0)} / {e.get('IA', 0)} / {e.get('OA', 0)} / "
+                     f"{e.get('WA', 0)} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="lrpfx eval", description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=200, help="test images (default: %(default)s)")
+    p.add_argument("--quick", action="store_true", help="16 images and 500 RISE masks (about a minute)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rise-masks", type=int, default=2000)
+    p.add_argument("--only", nargs="*", help="run methods whose name contains one of these words")
+    p.add_argument("--out", default="lrpfx-eval", help="directory for results.json and results.md")
+    args = p.parse_args(argv)
+    torch.manual_seed(args.seed)
+    n, masks = (16, 500) if args.quick else (args.images, args.rise_masks)
+    result = evaluate(n, args.seed, rise_masks=masks, only=args.only)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    table = markdown(result)
+    (out / "results.md").write_text(table + "\n")
+    print(f"{result['model']} ({100 * result['model_accuracy_on_these']:.1f}% correct on these {n} images)")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
