@@ -109,4 +109,4 @@ def builtin_rulesets() -> list[str]:
     return builtin_names()
 
 
-__all__: list[Any] = ["compile", "inspect", "builtin_rulesets", "unmatched_error"]
+__all__: list[str] = ["compile", "inspect", "builtin_rulesets", "unmatched_error"]
