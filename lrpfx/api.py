@@ -19,7 +19,7 @@ from lrpfx.match import Plan, plan
 from lrpfx.patterns import describe
 from lrpfx.rules import Rule
 from lrpfx.ruleset import Binding, RuleSet
-from lrpfx.trace import LeafSpec, trace
+from lrpfx.trace import LeafSpec, OutputSpec, trace
 
 RulesArg = RuleSet | str | Path
 
@@ -34,20 +34,23 @@ def _ruleset(rules: RulesArg, bindings: Mapping[str, Rule] | None, top: str | No
 
 
 def inspect(model: torch.nn.Module, rules: RulesArg = "epsilon_plus_flat", *,
-            bindings: Mapping[str, Rule] | None = None, leaf_modules: Iterable[LeafSpec] = ()) -> Plan:
+            bindings: Mapping[str, Rule] | None = None, leaf_modules: Iterable[LeafSpec] = (),
+            output: OutputSpec = None) -> Plan:
     """The plan for ``model`` under ``rules``, without building the explainer.
 
     ``print(lrpfx.inspect(model, "c3_lrp"))`` shows, per node of the canonical graph, its op,
     the pattern that matched and the rule it got; nodes nothing matched are listed too.
     """
     rs = _ruleset(rules, bindings, None)
-    gm = canonicalize(trace(model, leaf_modules), fold_batchnorm_=rs.options.get("batchnorm", "fold") == "fold")
+    gm = canonicalize(trace(model, leaf_modules, output),
+                      fold_batchnorm_=rs.options.get("batchnorm", "fold") == "fold")
     return plan(gm, rs)
 
 
 def compile(model: torch.nn.Module, rules: RulesArg = "epsilon_plus_flat", *,
             top: str | None = None, bindings: Mapping[str, Rule] | None = None,
-            leaf_modules: Iterable[LeafSpec] = (), c3: bool | Mapping[str, Any] = False) -> fx.GraphModule:
+            leaf_modules: Iterable[LeafSpec] = (), output: OutputSpec = None,
+            c3: bool | Mapping[str, Any] = False) -> fx.GraphModule:
     """Compile ``model`` into a relevance network.
 
     Args:
@@ -57,6 +60,8 @@ def compile(model: torch.nn.Module, rules: RulesArg = "epsilon_plus_flat", *,
         top: ``"logit"`` (default of most rule sets) or ``"softmax"``: what the output relevance is.
         bindings: extra ``{pattern: rule}`` bindings that win over the rule set's own.
         leaf_modules: module types or qualified names that fx should not trace into.
+        output: for a model that returns a tuple/list or a dict, the index or key of the
+            class-score tensor (e.g. ``output=0`` or ``output="logits"``).
         c3: append the C3 stage (tensor-native, exportable): ``True`` with the rule set's
             ``[c3]`` options (or the defaults of :class:`lrpfx.postprocess.C3Config`), or a
             mapping of options that override them.
@@ -69,7 +74,7 @@ def compile(model: torch.nn.Module, rules: RulesArg = "epsilon_plus_flat", *,
     Raises:
         TrainModeError, TraceError, RuleSetError, UnmatchedNodeError: with the node and a hint.
     """
-    p = inspect(model, rules, bindings=bindings, leaf_modules=leaf_modules)
+    p = inspect(model, rules, bindings=bindings, leaf_modules=leaf_modules, output=output)
     if top is not None:
         p.ruleset = dataclasses.replace(p.ruleset, top=top)
     if p.unmatched:

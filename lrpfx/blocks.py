@@ -5,9 +5,9 @@ add, optionally ending in a squeeze-and-excitation ``gate``), a skip branch (emp
 identity shortcut, ``("conv",)`` for a projection, ``("avgpool", "conv")`` for ResNet-D's
 average-pool-then-conv shortcut), an ``add`` and a closing ``relu``. Each node has a *role*
 (``conv1``, ``relu1``, ..., ``gate``, ``skip_pool``, ``skip_conv``, ``add``, ``out``) so that
-block rules can address its values. Matching runs on the
-canonical graph (BatchNorm already folded), so torchvision's, timm's and a user's blocks,
-written with modules or functions, ``torch.add`` or ``+=``, all look the same.
+block rules can address its values. Matching runs on the canonical graph (BatchNorm
+already folded), so torchvision's, timm's and a user's blocks, written with modules or
+functions, ``torch.add`` or ``+=``, all look the same.
 
 Conditions of a match (as fx's own ``SubgraphMatcher``): the subgraph is induced (no
 extra edges among matched nodes), no interior node has a user outside the match, and
@@ -20,6 +20,9 @@ from dataclasses import dataclass
 import networkx as nx
 import torch.fx as fx
 from networkx.algorithms.isomorphism import DiGraphMatcher
+
+
+_ROLES = {"conv": "conv", "batchnorm": "bn", "relu": "relu"}
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,7 @@ class BlockPattern:
         prev, convs = "input", 0
         for kind in self.main:
             convs += kind == "conv"
-            role = "gate" if kind == "gate" else {"conv": "conv", "batchnorm": "bn", "relu": "relu"}[kind] + str(convs)
+            role = "gate" if kind == "gate" else _ROLES[kind] + str(convs)
             g.add_node(role, kind=kind, role=role)
             g.add_edge(prev, role)
             prev = role

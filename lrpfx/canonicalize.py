@@ -51,13 +51,61 @@ def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
 
 
 def _replace(gm: fx.GraphModule, node: fx.Node, target: Callable, args: tuple, kwargs: dict | None = None) -> None:
-    """Replace ``node`` by a call_function node, keeping its name and users."""
+    """Replace ``node`` by a call_function node, keeping its name and users.
+
+    If ``node`` mutated its first argument in place (``x.relu_()``, ``nn.ReLU(inplace=True)``,
+    ``x += y``), the nodes after it that read that argument saw the mutated value: they are
+    redirected to the new (out-of-place) node, so the function stays the same.
+    """
+    mutated = node.args[0] if _mutates_input(gm, node) and isinstance(node.args[0], fx.Node) else None
+    later = _later_users(mutated, node) if mutated is not None else []
     with gm.graph.inserting_before(node):
         new = gm.graph.call_function(target, args, kwargs or {})
     new.meta = dict(node.meta)
     node.replace_all_uses_with(new)
+    for user in later:
+        user.replace_input_with(mutated, new)
     gm.graph.erase_node(node)
     new.name = node.name  # fx frees the name on erase; keep the trace's names readable
+
+
+_INPLACE_OPERATORS = {operator.iadd, operator.imul, operator.isub, operator.itruediv}
+
+
+def _mutates_input(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` writes into its first argument: a trailing-underscore op, an ``inplace=True``
+    module or function, or an augmented assignment on a tensor."""
+    if node.op == "call_module":
+        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if node.op not in ("call_method", "call_function") or not isinstance(name, str):
+        return False
+    if node.op == "call_function" and node.target in _INPLACE_OPERATORS:
+        return all(isinstance(a, fx.Node) for a in node.args[:2])
+    if name.startswith("__i") or (name.endswith("_") and not name.endswith("__")):
+        return True
+    inplace = node.kwargs.get("inplace")
+    if inplace is None and node.op == "call_function" and name in _INPLACE_POSITION:
+        position = _INPLACE_POSITION[name]
+        inplace = node.args[position] if len(node.args) > position else False
+    return bool(inplace)
+
+
+#: the position of ``inplace`` in functional activations' signatures
+_INPLACE_POSITION = {"relu": 1, "relu6": 1, "hardsigmoid": 1, "hardtanh": 3, "silu": 1, "elu": 2, "leaky_relu": 2}
+
+
+def _later_users(value: fx.Node, node: fx.Node) -> list[fx.Node]:
+    """The users of ``value`` that come after ``node`` in the graph."""
+    pending = set(value.users) - {node}
+    found = []
+    cursor = node.next
+    while pending and cursor.op != "root":
+        if cursor in pending:
+            found.append(cursor)
+            pending.discard(cursor)
+        cursor = cursor.next
+    return found
 
 
 def _attr(gm: fx.GraphModule, node: object) -> torch.Tensor | None:

@@ -55,8 +55,9 @@ class Emitter:
             if n.op in ("placeholder", "output"):
                 continue
             if n.op == "call_function" and n.target is torch.relu and n.args[0] in self.rectified:
-                self.env[n] = self.graph.call_function(torch.relu_, (self.env[n.args[0]],))
-                self.env[n].name = n.name
+                # named through the graph's namespace: a plain rename would let a later node take the name
+                self.env[n] = self.graph.create_node("call_function", torch.relu_, (self.env[n.args[0]],),
+                                                     name=n.name)
                 continue
             self.env[n] = self.graph.node_copy(n, lambda a: self.env[a])
         return target, self.env[self.plan.output]
@@ -214,6 +215,7 @@ class Emitter:
     def _module_facts(self, op: Op, n: fx.Node, m: nn.Module) -> None:
         if op.kind in ("conv", "linear"):
             op.params = {"weight": self.param(n, "weight"), "bias": self.param(n, "bias")}
+            op.attrs["in_channels"] = m.in_channels if op.kind == "conv" else m.in_features
             if op.kind == "conv":
                 op.attrs.update(_conv_geometry(n, m))
         elif op.kind == "batchnorm":

@@ -114,10 +114,11 @@ def methods(n_masks: int) -> dict[str, Method]:
 
 
 def score(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, masks: torch.Tensor, out: MethodOutput,
-          mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, torch.Tensor | list[str]]:
-    """Per-image metrics of one method's maps."""
+          mean: tuple[float, ...], std: tuple[float, ...], points: int = 100) -> dict[str, torch.Tensor | list[str]]:
+    """Per-image metrics of one method's maps; ``points`` sets the insertion/deletion step to N / points."""
     maps = out.maps
-    insdel = metrics.insertion_deletion(model, x, maps, target, protocol="eccv_patch", mean=mean, std=std)
+    step = max(1, round(maps.shape[-1] * maps.shape[-2] / points))
+    insdel = metrics.insertion_deletion(model, x, maps, target, protocol="eccv_patch", step=step, mean=mean, std=std)
     per = {"Ins": insdel.insertion, "Del": insdel.deletion, "ID": insdel.id_score,
            "Pointing": metrics.pointing_game(maps, masks, tolerance=max(1.0, 15 * x.shape[-1] / 224)).float(),
            "RMA": metrics.relevance_mass_accuracy(maps, masks), "RRA": metrics.relevance_rank_accuracy(maps, masks),
@@ -137,7 +138,7 @@ def _mean_se(v: torch.Tensor) -> tuple[float, float]:
 
 
 def evaluate(n_images: int = 200, seed: int = 0, batch_size: int = 50, rise_masks: int = 2000,
-             only: list[str] | None = None, progress: bool = True) -> dict[str, Any]:
+             only: list[str] | None = None, progress: bool = True, points: int = 100) -> dict[str, Any]:
     """Run every method on ``n_images`` generated test images; returns the results as a dict."""
     from lrpfx.datasets import ShapesDataset
     from lrpfx.loading import load_model
@@ -166,7 +167,7 @@ def evaluate(n_images: int = 200, seed: int = 0, batch_size: int = 50, rise_mask
                 out = method if isinstance(method, MethodOutput) else method(model, x[sl], target[sl])
                 if isinstance(method, MethodOutput):
                     out = MethodOutput(method.maps[sl])
-                part = score(model, x[sl], target[sl], masks[sl], out, loaded.mean, loaded.std)
+                part = score(model, x[sl], target[sl], masks[sl], out, loaded.mean, loaded.std, points)
                 for k, v in part.items():
                     per[k] = per.get(k, []) + (list(v) if isinstance(v, list) else [v])
             row = {k: _mean_se(torch.cat(v)) for k, v in per.items() if k != "error"}
@@ -179,7 +180,7 @@ def evaluate(n_images: int = 200, seed: int = 0, batch_size: int = 50, rise_mask
         if progress:
             print(f"  {name}: {table[name].get('failed', 'done')} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     return {"n_images": n_images, "seed": seed, "model": loaded.name, "model_accuracy_on_these": accuracy,
-            "methods": table}
+            "insertion_deletion_points": points, "rise_masks": rise_masks, "methods": table}
 
 
 COLUMNS = ("Ins", "Del", "ID", "Pointing", "RMA", "RRA", "IoU", "sum R / top")
@@ -211,18 +212,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="16 images and 500 RISE masks (about a minute)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rise-masks", type=int, default=2000)
+    p.add_argument("--points", type=int, default=100, help="insertion/deletion points: step = N / points")
     p.add_argument("--only", nargs="*", help="run methods whose name contains one of these words")
     p.add_argument("--out", default="lrpfx-eval", help="directory for results.json and results.md")
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
     n, masks = (16, 500) if args.quick else (args.images, args.rise_masks)
-    result = evaluate(n, args.seed, rise_masks=masks, only=args.only)
+    result = evaluate(n, args.seed, rise_masks=masks, only=args.only, points=args.points)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=1))
     table = markdown(result)
     (out / "results.md").write_text(table + "\n")
-    print(f"{result['model']} ({100 * result['model_accuracy_on_these']:.1f}% correct on these {n} images)")
+    print(f"{result['model']} ({100 * result['model_accuracy_on_these']:.1f}% correct on these {n} images; "
+          f"{args.points} insertion/deletion points, {masks} RISE masks)")
     print(table)
     return 0
 

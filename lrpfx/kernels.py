@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -418,21 +419,36 @@ def top_relevance(logits: torch.Tensor, target: torch.Tensor | int | None, *, to
     if logits.dim() != 2:
         raise InputError(f"the model's output has shape {tuple(logits.shape)}; lrpfx explains (N, classes) "
                          "outputs. Hint: wrap the model so that it returns class scores.")
-    n, classes = logits.shape
-    if isinstance(target, torch.Tensor) and target.is_floating_point():
-        if tuple(target.shape) != (n, classes):
-            raise InputError(f"a float target is used as the output relevance and must have the logits' "
-                             f"shape {(n, classes)}, got {tuple(target.shape)}. Hint: pass class indices as a "
-                             "LongTensor (target.long()), or a float tensor of the logits' shape.")
-        _check_finite_logits(logits)
-        return target.to(logits.dtype)
     _check_finite_logits(logits)
+    if isinstance(target, torch.Tensor) and target.is_floating_point():
+        return _float_target(target, logits)
+    index = _class_index(target, logits)
+    score = logits.softmax(1) if top == "softmax" else logits
+    return F.one_hot(index, logits.shape[1]).to(logits.dtype) * score
+
+
+def _float_target(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """A float target, used as the output relevance: the logits' shape, finite."""
+    if tuple(target.shape) != tuple(logits.shape):
+        raise InputError(f"a float target is used as the output relevance and must have the logits' "
+                         f"shape {tuple(logits.shape)}, got {tuple(target.shape)}. Hint: pass class indices as a "
+                         "LongTensor (target.long()), or a float tensor of the logits' shape.")
+    if _validating() and not bool(torch.isfinite(target).all()):
+        raise InputError(f"the float target (the output relevance) is NaN or inf in sample(s) {_bad_samples(target)}. "
+                         "Hint: build it from finite scores, e.g. one_hot(index) * logits.softmax(1).")
+    return target.to(logits.dtype)
+
+
+def _class_index(target: object, logits: torch.Tensor) -> torch.Tensor:
+    """Per-sample class indices from None (the argmax), an int, or an integer tensor (N,) or (1,)."""
+    n, classes = logits.shape
     if target is None:
-        index = logits.argmax(1)
-    elif isinstance(target, int) and not isinstance(target, bool):
-        _check_range(torch.tensor([target]), classes)
-        index = torch.full((n,), target, dtype=torch.long, device=logits.device)
-    elif isinstance(target, torch.Tensor) and not target.is_floating_point() and target.dtype != torch.bool:
+        return logits.argmax(1)
+    if isinstance(target, numbers.Integral) and not isinstance(target, bool):
+        _check_range(torch.tensor([int(target)]), classes)
+        return torch.full((n,), int(target), dtype=torch.long, device=logits.device)
+    if isinstance(target, torch.Tensor) and not target.is_floating_point() and not target.is_complex() \
+            and target.dtype != torch.bool:
         index = target.reshape(-1).to(device=logits.device, dtype=torch.long)
         if index.numel() == 1 and n != 1:
             index = index.expand(n)
@@ -440,13 +456,10 @@ def top_relevance(logits: torch.Tensor, target: torch.Tensor | int | None, *, to
             raise InputError(f"target has {index.shape[0]} entries for a batch of {n}. "
                              "Hint: pass one class per sample, an int, or None for the argmax.")
         _check_range(index, classes)
-    else:
-        got = type(target).__name__ + (f" of dtype {target.dtype}" if isinstance(target, torch.Tensor) else "")
-        raise InputError(f"target must be None, an int, a LongTensor (N,) or a float tensor (N, classes); "
-                         f"got {got}. Hint: convert class indices with torch.as_tensor(target).long().")
-    score = logits.softmax(1) if top == "softmax" else logits
-    onehot = F.one_hot(index, classes).to(logits.dtype)
-    return onehot * score
+        return index
+    got = type(target).__name__ + (f" of dtype {target.dtype}" if isinstance(target, torch.Tensor) else "")
+    raise InputError(f"target must be None, an int, a LongTensor (N,) or a float tensor (N, classes); "
+                     f"got {got}. Hint: convert class indices with torch.as_tensor(target).long().")
 
 
 def _check_range(index: torch.Tensor, classes: int) -> None:

@@ -110,8 +110,16 @@ def describe_output(result: object, gm: fx.GraphModule) -> str:
         return f"dict with keys {list(result)} ({items})"
     if isinstance(result, (tuple, list)):
         items = ", ".join(f"[{i}] {one(v)}" for i, v in enumerate(result))
-        return f"{type(result).__name__} of {len(result)}: {items}"
+        return f"{_structure(result)} of {len(result)}: {items}"
     return one(result)
+
+
+def _structure(result: object) -> str:
+    """``tuple``, ``list`` or ``dict`` (fx stores outputs as its immutable subclasses), or a namedtuple's name."""
+    for base in (dict, list):
+        if isinstance(result, base):
+            return base.__name__
+    return type(result).__name__
 
 
 def _relevance_path(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> tuple[fx.Node, fx.Node, list[fx.Node]]:
@@ -128,7 +136,7 @@ def _relevance_path(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> tuple[fx.N
     result = out_node.args[0]
     if not isinstance(result, fx.Node):
         raise TraceError(
-            f"the model returns {type(result).__name__} ({describe_output(result, gm)}); lrpfx explains a model "
+            f"the model returns {_structure(result)} ({describe_output(result, gm)}); lrpfx explains a model "
             "that returns one tensor of class scores. Hint: wrap it so that it returns the class scores, or select "
             "them with lrpfx.compile(model, output=<index or key>).")
     depends: set[fx.Node] = set()

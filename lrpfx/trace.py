@@ -56,14 +56,32 @@ def trace(model: torch.nn.Module, leaf_modules: Iterable[LeafSpec] = (), output:
     try:
         graph = tracer.trace(model)
     except Exception as e:  # fx raises TraceError, TypeError, NotImplementedError, ...
+        inside = _failing_module(tracer)
+        where = f" (inside {inside[0]!r}, a {inside[1]})" if inside else ""
+        leaf = inside[1] if inside else "TheModule"
         raise TraceError(
-            f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {e}. Hint: data-dependent "
+            f"torch.fx could not trace {type(model).__name__}{where}: {type(e).__name__}: {e}. Hint: data-dependent "
             "control flow cannot be traced; mark the submodule that contains it as a leaf "
-            "(lrpfx.compile(model, leaf_modules=[TheModule])) and register a rule for it.") from e
+            f"(lrpfx.compile(model, leaf_modules=[{leaf}])) and register a rule for it.") from e
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     if output is not None:
         select_output(gm, output)
     return gm
+
+
+def _failing_module(tracer: fx.Tracer) -> tuple[str, str] | None:
+    """(qualified name, type name) of the innermost submodule fx was tracing when it failed, if any.
+
+    fx pushes each module it traces into onto ``module_stack`` and pops it on return, so after
+    an exception the last entry is where tracing stopped.
+    """
+    stack = getattr(tracer, "module_stack", None)
+    if not stack:
+        return None
+    name, module_type = next(reversed(stack.values()))
+    if not name:
+        return None
+    return name, getattr(module_type, "__name__", str(module_type))
 
 
 def select_output(gm: fx.GraphModule, output: OutputSpec) -> None:

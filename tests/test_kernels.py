@@ -218,3 +218,59 @@ def test_adaptive_avgpool_non_divisible_matches_matrix_form() -> None:
     zz = m * a[0].flatten()
     expected = (zz / zz.sum(1, keepdim=True) * r[0].flatten()[:, None]).sum(0)
     assert torch.allclose(ours.flatten(), expected, rtol=1e-9)
+
+
+@pytest.mark.parametrize("kernel,stride,padding,ceil_mode,count_include_pad,divisor", [
+    (2, 2, 0, True, False, None),   # ResNet-D's shortcut pooling, odd input: partial last windows
+    (3, 2, 1, True, True, None),    # ceil_mode windows that reach past the padding
+    (3, 2, 1, False, False, None),
+    (3, 1, 1, False, True, 5),      # divisor_override
+    (2, 3, 1, True, True, None),    # stride > kernel
+])
+def test_avgpool_any_geometry_is_lrp0_on_its_own_linear_map(kernel, stride, padding, ceil_mode, count_include_pad,
+                                                            divisor) -> None:
+    """R_j = a_j * sum_k (dz_k/da_j) R_k / z_k: the VJP of the pooling itself is the reference."""
+    a = torch.rand(2, 3, 7, 9, dtype=torch.float64)
+    geo = dict(kernel_size=kernel, stride=stride, padding=padding, ceil_mode=ceil_mode,
+               count_include_pad=count_include_pad, divisor_override=divisor)
+    z = F.avg_pool2d(a, **geo)
+    r = torch.rand_like(z)
+    pair = lambda v: (v, v)  # noqa: E731
+    op = Op("avgpool", "p", [a], z, r, attrs=dict(kernel_size=pair(kernel), stride=pair(stride),
+                                                  padding=pair(padding), ceil_mode=ceil_mode,
+                                                  count_include_pad=count_include_pad, divisor_override=divisor))
+    ours = rules.Zero().apply(op)[0].evaluate()
+    ag = a.clone().requires_grad_(True)
+    grad, = torch.autograd.grad(F.avg_pool2d(ag, **geo), ag, r / z)
+    assert torch.allclose(ours, a * grad, rtol=1e-12, atol=1e-15)
+
+
+def test_adaptive_maxpool_wta_routes_as_the_gradient() -> None:
+    a = torch.rand(2, 3, 7, 5, dtype=torch.float64)
+    r = torch.rand(2, 3, 3, 2, dtype=torch.float64)
+    op = Op("maxpool", "p", [a], None, r, attrs={"output_size": (3, 2)})
+    ours = rules.WinnerTakesAll().apply(op)[0].evaluate()
+    ag = a.clone().requires_grad_(True)
+    grad, = torch.autograd.grad(F.adaptive_max_pool2d(ag, (3, 2)), ag, r)
+    assert torch.equal(ours, grad)
+
+
+def test_concatenation_gives_each_part_its_slice() -> None:
+    parts = [torch.rand(2, c, 4, 4, dtype=torch.float64) for c in (3, 1, 2)]
+    r = torch.randn(2, 6, 4, 4, dtype=torch.float64)
+    op = Op("cat", "c", [parts[0], parts[2]], torch.cat(parts, 1), r, attrs={"parts": parts, "dim": 1, "index": [0, 2]})
+    first, last = (c.evaluate() for c in rules.Slice().apply(op))
+    assert torch.equal(first, r[:, :3]) and torch.equal(last, r[:, 4:])
+    op = Op("cat", "c", [parts[1], parts[1]], None, r[:, :2], attrs={"parts": [parts[1]] * 2, "dim": -3,
+                                                                     "index": [0, 1]})
+    shares = [c.evaluate() for c in rules.Slice().apply(op)]  # cat([x, x]): one share per position
+    assert torch.equal(shares[0] + shares[1], r[:, :1] + r[:, 1:2])
+
+
+def test_gate_passes_all_relevance_to_the_signal() -> None:
+    x, r = torch.rand(2, 4, 3, 3, dtype=torch.float64), torch.rand(2, 4, 3, 3, dtype=torch.float64)
+    out = rules.SignalTakesAll().apply(Op("gate", "g", [x], None, r))[0].evaluate()
+    assert torch.equal(out, r)
+    # a signal broadcast against a larger gate (N, C, 1, 1) * (N, C, H, W): its relevance is summed back
+    out = rules.SignalTakesAll().apply(Op("gate", "g", [x[:, :, :1, :1]], None, r))[0].evaluate()
+    assert torch.allclose(out, r.sum((2, 3), keepdim=True))
