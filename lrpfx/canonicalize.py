@@ -301,13 +301,18 @@ def unify_gate_functions(gm: fx.GraphModule) -> None:
             _replace(gm, node, F.hardsigmoid, (node.args[0],))
 
 
+def _unify_binary(gm: fx.GraphModule, functions: set, methods: set, canonical: Callable) -> None:
+    """Every call of ``functions``/``methods`` on two tensors (no kwargs) becomes ``canonical(a, b)``."""
+    for node in list(gm.graph.nodes):
+        hit = ((node.op == "call_function" and node.target in functions)
+               or (node.op == "call_method" and node.target in methods))
+        if hit and len(node.args) == 2 and not node.kwargs and all(isinstance(a, fx.Node) for a in node.args):
+            _replace(gm, node, canonical, tuple(node.args))
+
+
 def unify_mul(gm: fx.GraphModule) -> None:
     """``a * b``, ``a *= b``, ``torch.mul(a, b)``, ``a.mul(b)``, ``a.mul_(b)`` of two tensors -> ``operator.mul``."""
-    for node in list(gm.graph.nodes):
-        is_mul = ((node.op == "call_function" and node.target in MUL_FUNCTIONS)
-                  or (node.op == "call_method" and node.target in MUL_METHODS))
-        if is_mul and len(node.args) == 2 and not node.kwargs and all(isinstance(a, fx.Node) for a in node.args):
-            _replace(gm, node, operator.mul, tuple(node.args))
+    _unify_binary(gm, MUL_FUNCTIONS, MUL_METHODS, operator.mul)
 
 
 def unify_cat(gm: fx.GraphModule) -> None:
@@ -323,11 +328,7 @@ def unify_cat(gm: fx.GraphModule) -> None:
 
 def unify_add(gm: fx.GraphModule) -> None:
     """``a + b``, ``a += b``, ``torch.add(a, b)``, ``a.add(b)``, ``a.add_(b)`` -> ``operator.add(a, b)``."""
-    for node in list(gm.graph.nodes):
-        is_add = ((node.op == "call_function" and node.target in ADD_FUNCTIONS)
-                  or (node.op == "call_method" and node.target in ADD_METHODS))
-        if is_add and len(node.args) == 2 and not node.kwargs and all(isinstance(a, fx.Node) for a in node.args):
-            _replace(gm, node, operator.add, tuple(node.args))
+    _unify_binary(gm, ADD_FUNCTIONS, ADD_METHODS, operator.add)
 
 
 def unify_reshape(gm: fx.GraphModule) -> None:
