@@ -112,10 +112,41 @@ def gaussian_blur(x: torch.Tensor, size: int = 11, sigma: float = 5.0) -> torch.
     return F.conv2d(x, k2.expand(c, 1, size, size), padding=size // 2, groups=c)
 
 
-def _probabilities(model: torch.nn.Module, x: torch.Tensor, target: int, batch_size: int) -> torch.Tensor:
-    """softmax(model(x))[:, target] in chunks of ``batch_size``."""
-    out = [model(x[i:i + batch_size]).softmax(1)[:, target] for i in range(0, len(x), batch_size)]
-    return torch.cat(out).to(torch.float64)
+class _Batcher:
+    """Runs the model over rows of many small requests in full batches.
+
+    ``add(x, target)`` queues the rows of ``x`` (n, 3, H, W) and ``results()`` returns, per
+    request in order, softmax(model(x))[:, target] as float64. Requests of consecutive images
+    share batches, so the model runs on ``batch_size`` rows however few each image needs.
+    """
+
+    def __init__(self, model: torch.nn.Module, batch_size: int) -> None:
+        self.model, self.batch_size = model, batch_size
+        self.rows: list[torch.Tensor] = []
+        self.targets: list[torch.Tensor] = []
+        self.pending = 0
+        self.sizes: list[int] = []
+        self.out: list[torch.Tensor] = []
+
+    def add(self, x: torch.Tensor, target: int) -> None:
+        self.rows.append(x)
+        self.targets.append(torch.full((len(x),), target, dtype=torch.long))
+        self.sizes.append(len(x))
+        self.pending += len(x)
+        while self.pending >= self.batch_size:
+            self._flush(self.batch_size)
+
+    def _flush(self, n: int) -> None:
+        x, t = torch.cat(self.rows), torch.cat(self.targets)
+        logits = self.model(x[:n])
+        self.out.append(logits.softmax(1).gather(1, t[:n, None])[:, 0].to(torch.float64))
+        self.rows, self.targets = ([x[n:]], [t[n:]]) if n < len(x) else ([], [])
+        self.pending -= n
+
+    def results(self) -> list[torch.Tensor]:
+        if self.pending:
+            self._flush(self.pending)
+        return list(torch.cat(self.out).split(self.sizes)) if self.out else []
 
 
 def _check_maps(images: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
@@ -141,7 +172,7 @@ def _substrates(images: torch.Tensor, protocol: Protocol, mean: Sequence[float],
 
 def insertion_deletion(model: torch.nn.Module, images: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor | Sequence[int] | None, *,
                        mean: Sequence[float], std: Sequence[float], protocol: Protocol = "eccv_patch",
-                       patch: int = 1, step: int | None = None, batch_size: int = 128) -> InsDelResult:
+                       patch: int = 1, step: int | None = None, batch_size: int = 64) -> InsDelResult:
     """Insertion and deletion AUCs of attribution maps (METHOD_SPEC §5.1).
 
     ``"eccv_patch"`` (the ECCV 2024 code, exactly): P = max-pool of the map over p x p
@@ -168,7 +199,8 @@ def insertion_deletion(model: torch.nn.Module, images: torch.Tensor, maps: torch
         mean, std: the normalisation of ``images``, which defines black in "eccv_patch"
             (``lrpfx.datasets.MEAN``/``STD`` for the shapes dataset); required so that
             another dataset's constants are never used by default.
-        batch_size: forward passes per model call.
+        batch_size: images per model call; consecutive images share calls, and a mask that
+            equals another of the same image (ties, binary maps) runs once.
 
     Returns:
         An ``InsDelResult`` of per-image AUCs (float64) and curves.
@@ -181,14 +213,19 @@ def insertion_deletion(model: torch.nn.Module, images: torch.Tensor, maps: torch
         ins_start, del_end = _substrates(images, protocol, mean, std)
         pooled = patch_scores(maps.to(torch.float64), patch)
         step = step or default_step(pooled[0].numel(), protocol, pooled.shape[-1])
-        ins, dels = [], []
+        batcher, inverses = _Batcher(model, batch_size), []
         for x, p, a, b, y in zip(images, pooled, ins_start, del_end, targets):
             m = eccv_masks(p, step) if protocol == "eccv_patch" else rise_masks(p, step)
-            m = _upsample(m, patch, x.shape[-2:])[:, None].to(x.dtype)
-            batch = torch.cat([m * x + (1 - m) * a, (1 - m) * x + m * b])
-            probs = _probabilities(model, batch, int(y), batch_size)
-            ins.append(probs[:len(m)])
-            dels.append(probs[len(m):])
+            # equal masks give equal points: each distinct mask runs once (ties, binary maps)
+            m, inverse = torch.unique(m.flatten(1).to(torch.uint8), dim=0, return_inverse=True)
+            inverses.append(inverse)
+            m = _upsample(m.view(-1, *p.shape), patch, x.shape[-2:])[:, None].to(x.dtype)
+            batcher.add(torch.cat([m * x + (1 - m) * a, (1 - m) * x + m * b]), int(y))
+        ins, dels = [], []
+        for probs, inverse in zip(batcher.results(), inverses):
+            u = len(probs) // 2
+            ins.append(probs[:u][inverse])
+            dels.append(probs[u:][inverse])
     ins_c, del_c = torch.stack(ins), torch.stack(dels)
     return InsDelResult(auc(ins_c), auc(del_c), ins_c, del_c, step)
 

@@ -2,17 +2,26 @@
 from __future__ import annotations
 
 import math
+import warnings
+from pathlib import Path
 
 import pytest
+import torch
+import torch.nn as nn
 
 from lrpfx import evaluate
 
 
 @pytest.fixture(scope="module")
-def result() -> dict:
+def run() -> evaluate.Evaluation:
     return evaluate.evaluate(n_images=6, seed=1, batch_size=6, rise_masks=200, progress=False,
                              only=["C3-LRP", "LRP (epsilon", "ECCV 2024 + HQ", "Grad-CAM", "Input x", "RISE",
                                    "Ground-truth", "Random"])
+
+
+@pytest.fixture(scope="module")
+def result(run: evaluate.Evaluation) -> dict:
+    return run.result
 
 
 def test_every_requested_method_ran(result: dict) -> None:
@@ -44,3 +53,63 @@ def test_markdown_table_has_a_row_per_method(result: dict) -> None:
     table = evaluate.markdown(result)
     assert table.count("\n") == len(result["methods"]) + 1
     assert "| C3-LRP (c3_lrp + C3) |" in table
+
+
+def test_best_worst_figure_picks_c3_lrp_extremes(run: evaluate.Evaluation, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    path = evaluate.best_worst_figure(run, tmp_path / "bw.png", k=2)
+    assert path is not None and path.stat().st_size > 0
+    ids = run.result["methods"]["C3-LRP (c3_lrp + C3)"]["per_image_ID"]
+    assert len(ids) == 6 and run.maps["C3-LRP (c3_lrp + C3)"].shape == (6, 64, 64)
+    partial = evaluate.Evaluation({"methods": {}}, run.images, run.masks, {})
+    assert evaluate.best_worst_figure(partial, tmp_path / "none.png") is None
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    from lrpfx.datasets import ShapesDataset
+    from lrpfx.loading import load_model
+    data = ShapesDataset("test", n=3, seed=2, normalize=True)
+    x = torch.stack([data[i][0] for i in range(3)])
+    return load_model("bundled").model, x, torch.tensor([int(data[i][1]) for i in range(3)])
+
+
+def test_inference_model_reproduces_the_model(bundled) -> None:
+    model, x, _ = bundled
+    fast = evaluate.inference_model(model, x)
+    assert fast is not model
+    with torch.no_grad():
+        other = x.flip(-1) * 0.7
+        torch.testing.assert_close(fast(other), model(other), rtol=1e-4, atol=1e-4)
+
+
+def test_inference_model_falls_back_with_a_warning() -> None:
+    class Unscriptable(nn.Module):
+        def forward(self, x, *args):  # noqa: ANN001 - varargs are what TorchScript refuses
+            return x.flatten(1)
+    model = Unscriptable()
+    with pytest.warns(UserWarning, match="scripting the model failed"):
+        assert evaluate.inference_model(model, torch.zeros(1, 3, 2, 2)) is model
+
+
+def test_score_cam_with_the_frozen_copy_equals_score_cam(bundled) -> None:
+    """Score-CAM's masked forwards on the frozen copy give pytorch-grad-cam's own maps."""
+    pytest.importorskip("pytorch_grad_cam")
+    model, x, y = bundled
+    run = evaluate._cam("scorecam")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = run(evaluate.Models(model, model), x[:2], y[:2]).maps
+        fast = run(evaluate.Models(model, evaluate.inference_model(model, x)), x[:2], y[:2]).maps
+    torch.testing.assert_close(fast, plain, rtol=1e-3, atol=1e-3)
+
+
+def test_quick_command_writes_table_json_and_figure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``lrpfx eval --quick`` (the CI smoke run) over every method."""
+    assert evaluate.main(["--quick", "--no-progress", "--out", str(tmp_path)]) == 0
+    import json
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["n_images"] == 8 and not [k for k, r in result["methods"].items() if "failed" in r]
+    assert len(result["methods"]) == 13 and 0.9 <= result["abn_accuracy_on_these"] <= 1.0
+    assert (tmp_path / "results.md").read_text().count("\n") == 15
+    assert "best_worst.png" in capsys.readouterr().out

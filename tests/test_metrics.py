@@ -273,3 +273,53 @@ def test_mass_variant_and_stats() -> None:
     assert s.precision.item() == pytest.approx(0.25) and s.coverage.item() == 1.0 and s.area_ratio.item() == 4.0
     assert error_type(maps, m, attended=a) == ["OA"]
     assert error_type(maps, m, attended=a, use_mass=True) == ["OK"]
+
+
+def _literal_eccv_insdel(model: nn.Module, image: torch.Tensor, amap: torch.Tensor, y: int, step: int,
+                         patch: int) -> tuple[float, float]:
+    """METHOD_SPEC §5.1 written out point by point: one forward per point, argsort, no batching."""
+    import numpy as np
+    a = amap.numpy()
+    h, w = a.shape
+    ph, pw = -(-h // patch), -(-w // patch)
+    p = np.full((ph, pw), -np.inf)
+    for i in range(ph):
+        for j in range(pw):
+            p[i, j] = a[i * patch:(i + 1) * patch, j * patch:(j + 1) * patch].max()
+    flat = p.flatten()
+    order = np.argsort(-flat, kind="stable")
+    n = flat.size
+    k = -(-n // step)
+    m_t = torch.as_tensor(MEAN, dtype=image.dtype).view(3, 1, 1)
+    s_t = torch.as_tensor(STD, dtype=image.dtype).view(3, 1, 1)
+    raw = image * s_t + m_t
+    ins, dele = [], []
+    for i in range(k):
+        t = flat[order[min(step * (i + 1), n - 1)]]
+        mp = (p >= t).astype(np.float64)
+        mask = torch.as_tensor(np.kron(mp, np.ones((patch, patch)))[:h, :w], dtype=image.dtype)
+        for m, out in ((mask, ins), (1 - mask, dele)):
+            x = (raw * m - m_t) / s_t
+            with torch.no_grad():
+                out.append(float(model(x[None]).softmax(1)[0, y]))
+    def area(c: list[float]) -> float:
+        return c[0] if len(c) == 1 else (sum(c) - c[0] / 2 - c[-1] / 2) / (len(c) - 1)
+    return area(ins), area(dele)
+
+
+@pytest.mark.parametrize("patch", [1, 2])
+def test_eccv_protocol_matches_the_literal_procedure(patch: int) -> None:
+    """Batched, deduplicated evaluation == one forward per point (ties, binary and coarse maps)."""
+    g = torch.Generator().manual_seed(5)
+    images = torch.randn(4, 3, 12, 12, generator=g, dtype=torch.float64)
+    maps = torch.randn(4, 12, 12, generator=g, dtype=torch.float64)
+    maps[0, :5] = 0.0                                  # a block of ties
+    maps[1] = (maps[1] > 0.3).double()                 # a binary map: two distinct masks
+    maps[2] = maps[2].round()                          # a few levels, as after heat quantization
+    y = torch.tensor([0, 4, 2, 1])
+    model = tiny_net(3)
+    r = insertion_deletion(model, images, maps, y, step=5, patch=patch, batch_size=7, mean=MEAN, std=STD)
+    for i in range(4):
+        ins, dele = _literal_eccv_insdel(model, images[i], maps[i], int(y[i]), 5, patch)
+        assert r.insertion[i].item() == pytest.approx(ins, rel=1e-9, abs=1e-12)
+        assert r.deletion[i].item() == pytest.approx(dele, rel=1e-9, abs=1e-12)
