@@ -45,14 +45,20 @@ def effective_eps(eps: float, dtype: torch.dtype) -> float:
     return max(eps, torch.finfo(dtype).eps) if dtype in (torch.float16, torch.bfloat16) else eps
 
 
-def stabilize(z: torch.Tensor, eps: float, nonneg: bool = False) -> torch.Tensor:
+def stabilize(z: torch.Tensor, eps: float, nonneg: bool = False, rectified: bool = False) -> torch.Tensor:
     """``z + eps * sign(z)`` with ``sign(0) = +1`` (zennit's stabilizer).
 
     With ``eps == 0`` (LRP-0) exact zeros are replaced by one: on a ReLU network the
     relevance arriving at a zero pre-activation is itself zero, so the share stays 0
     instead of becoming NaN. ``nonneg=True`` (z known to be >= 0) saves the sign.
+    ``rectified=True`` says more: z >= 0 *and* the relevance is 0 wherever z == 0; then LRP-0
+    clamps z to the dtype's smallest normal number in one pass (a subnormal z changes its
+    share by at most its own, subnormal, relevance).
     """
     eps = effective_eps(eps, z.dtype)
+    if eps == 0.0 and rectified and z.dtype.is_floating_point:
+        # one pass instead of two: 0 becomes the smallest normal number, and 0 / tiny = 0
+        return z.clamp(min=torch.finfo(z.dtype).tiny)
     if eps == 0.0:
         return z.masked_fill(z == 0, 1.0)
     if nonneg:
@@ -108,7 +114,7 @@ def epsilon(a: torch.Tensor, z: torch.Tensor | None, rel: torch.Tensor, weight: 
     """
     if z is None:
         z = _forward(a, weight, bias, stride, padding, dilation, groups)
-    s = rel / stabilize(z, eps, nonneg=z_rectified)
+    s = rel / stabilize(z, eps, nonneg=z_rectified, rectified=z_rectified)
     return a * _transpose(s, weight, a.shape, stride, padding, dilation, groups)
 
 
@@ -161,37 +167,52 @@ def alpha_beta(a: torch.Tensor, rel: torch.Tensor, weight: torch.Tensor,
 
 def gamma(a: torch.Tensor, z: torch.Tensor, rel: torch.Tensor, weight: torch.Tensor,
           bias: torch.Tensor | None = None, *, gamma: float, eps: float, nonneg: bool = False,
-          stride: Sequence[int] | None = None, padding: Sequence[int] | None = None,
+          z_rectified: bool = False, stride: Sequence[int] | None = None, padding: Sequence[int] | None = None,
           dilation: Sequence[int] | None = None, groups: int = 1) -> torch.Tensor:
     """Generalized LRP-gamma (Montavon et al., 2019; Andeol et al., 2021), as zennit's ``Gamma``.
 
     Outputs with ``z > 0`` propagate through ``w + gamma w+`` (contributions ``a+`` and
     ``a-`` with the matching weight signs), outputs with ``z < 0`` through ``w + gamma w-``.
     ``z`` is the layer's real output, reused.
+
+    With ``a >= 0`` (``nonneg``) one extra convolution p = W+ a + b+ + eps/gamma gives both
+    stabilized denominators: z_up + eps = z + gamma p and z_dn - eps = (1 + gamma) z - gamma p
+    (the stabilizer's sign is known: z_up >= z > 0 and z_dn <= z < 0 where they are used).
+    ``z_rectified`` (the forward applied its ReLU in place on z, and the relevance is 0
+    wherever z <= 0) drops the z < 0 branch, whose relevance is 0: one transposed convolution.
     """
     geo = (stride, padding, dilation, groups)
     w_up = weight + gamma * weight.clamp(min=0)
+    if nonneg and gamma > 0:
+        eps = effective_eps(eps, z.dtype)
+        wp = weight.clamp(min=0)
+        b_p = torch.full((wp.shape[0],), eps / gamma, dtype=z.dtype, device=z.device)
+        if bias is not None:
+            b_p = b_p + bias.clamp(min=0)
+        p = _forward(a, wp, b_p, *geo)
+        if z_rectified:
+            s_up = rel / torch.add(z, p, alpha=gamma)
+            return a * _transpose(s_up, w_up, a.shape, *geo)
+        zero = rel.new_zeros(())
+        s_up = torch.where(z > 0, rel / torch.add(z, p, alpha=gamma), zero)
+        s_dn = torch.where(z < 0, rel / torch.add(z, p, alpha=-gamma / (1 + gamma)).mul_(1 + gamma), zero)
+        w_dn = weight + gamma * weight.clamp(max=0)
+        return a * (_transpose(s_up, w_up, a.shape, *geo) + _transpose(s_dn, w_dn, a.shape, *geo))
     w_dn = weight + gamma * weight.clamp(max=0)
     b_up = None if bias is None else bias + gamma * bias.clamp(min=0)
     b_dn = None if bias is None else bias + gamma * bias.clamp(max=0)
     ap = a.clamp(min=0)
-    if nonneg:
-        # one extra conv instead of two: with p = W+ a, the layer's own z = W a + b gives
-        # z_up = z + gamma (p + b+) and z_dn = z + gamma (z - b - p + b-)
-        p = _forward(a, weight.clamp(min=0), None, *geo)
-        zb = z if bias is None else z - _expand_bias(bias, z)
-        z_up = z + gamma * (p if bias is None else p + _expand_bias(bias.clamp(min=0), z))
-        z_dn = z + gamma * (zb - p if bias is None else zb - p + _expand_bias(bias.clamp(max=0), z))
-        s_up = torch.where(z > 0, rel / stabilize(z_up, eps), torch.zeros_like(rel))
-        s_dn = torch.where(z < 0, rel / stabilize(z_dn, eps), torch.zeros_like(rel))
-        return a * (_transpose(s_up, w_up, a.shape, *geo) + _transpose(s_dn, w_dn, a.shape, *geo))
     z_up = _forward(ap, w_up, b_up, *geo)
     z_dn = _forward(ap, w_dn, b_dn, *geo)
-    an = a.clamp(max=0)
-    z_up = z_up + _forward(an, w_dn, None, *geo)
-    z_dn = z_dn + _forward(an, w_up, None, *geo)
+    if not nonneg:
+        an = a.clamp(max=0)
+        z_up = z_up + _forward(an, w_dn, None, *geo)
+        z_dn = z_dn + _forward(an, w_up, None, *geo)
     s_up = (z > 0).to(rel.dtype) * rel / stabilize(z_up, eps)
     s_dn = (z < 0).to(rel.dtype) * rel / stabilize(z_dn, eps)
+    if nonneg:
+        return a * (_transpose(s_up, w_up, a.shape, *geo) + _transpose(s_dn, w_dn, a.shape, *geo))
+    an = a.clamp(max=0)
     return (ap * _transpose(s_up, w_up, a.shape, *geo) + an * _transpose(s_up, w_dn, a.shape, *geo)
             + ap * _transpose(s_dn, w_dn, a.shape, *geo) + an * _transpose(s_dn, w_up, a.shape, *geo))
 

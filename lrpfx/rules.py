@@ -201,8 +201,10 @@ class Gamma(Rule):
     zero_bias: bool = False
 
     def apply(self, op: Op) -> tuple[Call, ...]:
+        rectified = {"z_rectified": True} if op.attrs.get("z_rectified") else {}
         return (Call(kernels.gamma, (op.inputs[0], op.out, op.rel, op.params["weight"], _bias(op, self.zero_bias)),
-                     {"gamma": self.gamma, "eps": self.stabilizer, "nonneg": op.nonneg[0], **_geometry(op)}),)
+                     {"gamma": self.gamma, "eps": self.stabilizer, "nonneg": op.nonneg[0], **_geometry(op),
+                      **rectified}),)
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -274,3 +274,30 @@ def test_gate_passes_all_relevance_to_the_signal() -> None:
     # a signal broadcast against a larger gate (N, C, 1, 1) * (N, C, H, W): its relevance is summed back
     out = rules.SignalTakesAll().apply(Op("gate", "g", [x[:, :, :1, :1]], None, r))[0].evaluate()
     assert torch.allclose(out, r.sum((2, 3), keepdim=True))
+
+
+@pytest.mark.parametrize("name,rule", [("gamma", rules.Gamma(gamma=0.25, stabilizer=EPS)),
+                                       ("epsilon", rules.Epsilon(eps=EPS)),
+                                       ("epsilon", rules.Epsilon(eps=0.0))])
+def test_rectified_fast_path_matches_matrix_form(name: str, rule: rules.Rule) -> None:
+    """The forward ran its ReLU in place on z (z_rectified) and no relevance sits where z <= 0."""
+    geo = CONVS[1]
+    a = torch.rand(2, 4, 8, 7, dtype=torch.float64)
+    w = torch.randn(6, 4, 3, 3, dtype=torch.float64)
+    b = torch.randn(6, dtype=torch.float64) * 0.3
+    z = F.conv2d(a, w, b, **geo)
+    r = torch.rand_like(z) * (z > 0)
+    op = Op(kind="conv", node="n", inputs=[a], out=z.clamp(min=0), rel=r, params={"weight": w, "bias": b},
+            attrs={**geo, "z_rectified": True}, nonneg=[True])
+    ours = rule.apply(op)[0].evaluate()
+    assert "z_rectified" in rule.apply(op)[0].kwargs
+    m = dense(lambda t: F.conv2d(t, w, None, **geo), a.shape[1:])
+    eps = getattr(rule, "eps", EPS)
+    for i in range(2):
+        bb = b.repeat_interleave(z.shape[2] * z.shape[3])
+        if eps == 0.0:  # LRP-0: z_kj / z_k, with no relevance at z_k = 0
+            zk = (m * a[i].flatten()).sum(1) + bb
+            expected = (m * a[i].flatten() / torch.where(zk == 0, 1.0, zk)[:, None] * r[i].flatten()[:, None]).sum(0)
+        else:
+            expected = reference(name, a[i].flatten(), m, bb, r[i].flatten(), gamma=0.25)
+        assert torch.allclose(ours[i].flatten(), expected, rtol=1e-9, atol=1e-12), rule
