@@ -103,8 +103,7 @@ def methods(compiled: bool, c3: bool) -> dict[str, Callable[..., Callable[[], An
     if c3:
         out["lrpfx:c3_lrp+C3"] = _lrpfx("c3_lrp", c3=True)
     if compiled:
-        out["lrpfx:c3_lrp (torch.compile)"] = _lrpfx("c3_lrp", compiled=True)
-        out["lrpfx:epsilon_plus_flat (torch.compile)"] = _lrpfx("epsilon_plus_flat", compiled=True)
+        out.update({f"lrpfx:{r} (torch.compile)": _lrpfx(r, compiled=True) for r in LRPFX_RULES})
     out["zennit:EpsilonPlusFlat"] = _zennit("EpsilonPlusFlat")
     out["zennit:EpsilonGammaBox"] = _zennit("EpsilonGammaBox")
     out["captum:LRP"] = _captum
