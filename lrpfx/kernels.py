@@ -115,7 +115,7 @@ def epsilon(a: torch.Tensor, z: torch.Tensor | None, rel: torch.Tensor, weight: 
     if z is None:
         z = _forward(a, weight, bias, stride, padding, dilation, groups)
     s = rel / stabilize(z, eps, nonneg=z_rectified, rectified=z_rectified)
-    return a * _transpose(s, weight, a.shape, stride, padding, dilation, groups)
+    return _transpose(s, weight, a.shape, stride, padding, dilation, groups).mul_(a)  # in place: a fresh tensor
 
 
 def zplus(a: torch.Tensor, rel: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -132,7 +132,7 @@ def zplus(a: torch.Tensor, rel: torch.Tensor, weight: torch.Tensor, bias: torch.
     wp = weight.clamp(min=0)
     if nonneg:
         s = rel / stabilize(_forward(a, wp, _pos(bias), *geo), eps)
-        return a * _transpose(s, wp, a.shape, *geo)
+        return _transpose(s, wp, a.shape, *geo).mul_(a)
     wn = weight.clamp(max=0)
     ap, an = a.clamp(min=0), a.clamp(max=0)
     z = _forward(ap, wp, _pos(bias), *geo) + _forward(an, wn, None, *geo)
@@ -192,12 +192,12 @@ def gamma(a: torch.Tensor, z: torch.Tensor, rel: torch.Tensor, weight: torch.Ten
         p = _forward(a, wp, b_p, *geo)
         if z_rectified:
             s_up = rel / torch.add(z, p, alpha=gamma)
-            return a * _transpose(s_up, w_up, a.shape, *geo)
+            return _transpose(s_up, w_up, a.shape, *geo).mul_(a)
         zero = rel.new_zeros(())
         s_up = torch.where(z > 0, rel / torch.add(z, p, alpha=gamma), zero)
         s_dn = torch.where(z < 0, rel / torch.add(z, p, alpha=-gamma / (1 + gamma)).mul_(1 + gamma), zero)
         w_dn = weight + gamma * weight.clamp(max=0)
-        return a * (_transpose(s_up, w_up, a.shape, *geo) + _transpose(s_dn, w_dn, a.shape, *geo))
+        return _transpose(s_up, w_up, a.shape, *geo).add_(_transpose(s_dn, w_dn, a.shape, *geo)).mul_(a)
     w_dn = weight + gamma * weight.clamp(max=0)
     b_up = None if bias is None else bias + gamma * bias.clamp(min=0)
     b_dn = None if bias is None else bias + gamma * bias.clamp(max=0)
@@ -211,7 +211,7 @@ def gamma(a: torch.Tensor, z: torch.Tensor, rel: torch.Tensor, weight: torch.Ten
     s_up = (z > 0).to(rel.dtype) * rel / stabilize(z_up, eps)
     s_dn = (z < 0).to(rel.dtype) * rel / stabilize(z_dn, eps)
     if nonneg:
-        return a * (_transpose(s_up, w_up, a.shape, *geo) + _transpose(s_dn, w_dn, a.shape, *geo))
+        return _transpose(s_up, w_up, a.shape, *geo).add_(_transpose(s_dn, w_dn, a.shape, *geo)).mul_(a)
     an = a.clamp(max=0)
     return (ap * _transpose(s_up, w_up, a.shape, *geo) + an * _transpose(s_up, w_dn, a.shape, *geo)
             + ap * _transpose(s_dn, w_dn, a.shape, *geo) + an * _transpose(s_dn, w_up, a.shape, *geo))
