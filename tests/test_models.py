@@ -72,7 +72,7 @@ def test_missing_weights_name_the_file(tmp_path) -> None:
         load_state(tmp_path / "resnet50_w16")
 
 
-@pytest.mark.parametrize("name", ["resnet50_w16", "abn_resnet50_w16"])
+@pytest.mark.parametrize("name", ["resnet50_w16", "abn_resnet50_w16", "resnet18_w16"])
 def test_bundled_weights_accuracy(name: str) -> None:
     if not (weights_dir() / f"{name}.safetensors").exists():
         pytest.skip(f"no bundled weights {name} trained yet")
@@ -83,3 +83,18 @@ def test_bundled_weights_accuracy(name: str) -> None:
     with torch.no_grad():
         acc = (model(x).argmax(1) == y).float().mean().item()
     assert acc >= 0.9
+
+
+def test_bundled_basic_block_model_compiles_with_its_blocks_matched() -> None:
+    """The ResNet-18-layout model: 8 basic blocks under c3_lrp, relevance near the logit."""
+    import lrpfx
+    if not (weights_dir() / "resnet18_w16.safetensors").exists():
+        pytest.skip("no bundled weights resnet18_w16 trained yet")
+    model = load_bundled("resnet18_w16")
+    plan = lrpfx.inspect(model, "c3_lrp")
+    assert len({a.block.nodes[0] for a in plan.assignments.values() if a.block is not None}) == 8
+    x, y, _ = generate_batch(0, 4, split="test")
+    with torch.inference_mode():
+        rel, logits = lrpfx.compile(model, "c3_lrp")(x, y)[:2]
+    ratio = rel.flatten(1).sum(1) / logits.gather(1, y[:, None]).squeeze(1)
+    assert ((ratio > 0.9) & (ratio < 1.1)).all()
