@@ -217,10 +217,6 @@ def gamma(a: torch.Tensor, z: torch.Tensor, rel: torch.Tensor, weight: torch.Ten
             + ap * _transpose(s_dn, w_dn, a.shape, *geo) + an * _transpose(s_dn, w_up, a.shape, *geo))
 
 
-def _expand_bias(bias: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return bias.view(1, -1, *([1] * (like.dim() - 2)))
-
-
 def _bound(value: Sequence[float] | float, like: torch.Tensor) -> torch.Tensor:
     """A per-channel bound (or scalar) broadcast to ``like``'s shape."""
     t = torch.as_tensor(value, dtype=like.dtype, device=like.device)
