@@ -208,11 +208,19 @@ class Evaluation:
 
 
 def evaluate(n_images: int = 200, seed: int = 0, batch_size: int = 50, rise_masks: int = 1000,
-             only: list[str] | None = None, progress: bool = True, points: int = 100) -> Evaluation:
-    """Run every method on ``n_images`` generated test images and score their maps."""
+             only: list[str] | None = None, progress: bool = True, points: int = 100,
+             model: str = "bundled") -> Evaluation:
+    """Run every method on ``n_images`` generated test images and score their maps.
+
+    ``model`` is a shipped model trained on the shapes benchmark: ``"bundled"`` (the
+    ResNet-50 layout) or ``"bundled:resnet18_w16"`` (the ResNet-18 layout).
+    """
     from lrpfx.datasets import ShapesDataset
     from lrpfx.loading import load_model
-    loaded = load_model("bundled")
+    if not (model == "bundled" or model.startswith("bundled:")) or "abn" in model:
+        raise ValueError(f"model={model!r}: the evaluation needs a classifier trained on the shapes benchmark. "
+                         "Hint: use 'bundled' or 'bundled:resnet18_w16'.")
+    loaded = load_model(model)
     model = loaded.model
     data = ShapesDataset("test", n=n_images, seed=seed, normalize=True, return_mask=True)
     samples = [data[i] for i in range(n_images)]
@@ -332,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="the CI smoke run: 8 images, 100 RISE masks, 20 points (under a minute)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default="bundled",
+                   help="bundled (ResNet-50 layout, default) or bundled:resnet18_w16 (ResNet-18 layout)")
     p.add_argument("--rise-masks", type=int, default=1000, help="RISE masks per image (default: %(default)s)")
     p.add_argument("--points", type=int, default=100, help="insertion/deletion points: step = N / points")
     p.add_argument("--only", nargs="*", help="run methods whose name contains one of these words")
@@ -341,7 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     n, masks, points = (8, 100, 20) if args.quick else (args.images, args.rise_masks, args.points)
     t0 = time.perf_counter()
-    ev = evaluate(n, args.seed, rise_masks=masks, only=args.only, points=points, progress=not args.no_progress)
+    try:
+        ev = evaluate(n, args.seed, rise_masks=masks, only=args.only, points=points,
+                      progress=not args.no_progress, model=args.model)
+    except ValueError as e:
+        p.error(str(e))
     result = ev.result
     result["seconds"] = time.perf_counter() - t0
     result["threads"] = torch.get_num_threads()

@@ -113,3 +113,18 @@ def test_quick_command_writes_table_json_and_figure(tmp_path: Path, capsys: pyte
     assert len(result["methods"]) == 13 and 0.9 <= result["abn_accuracy_on_these"] <= 1.0
     assert (tmp_path / "results.md").read_text().count("\n") == 15
     assert "best_worst.png" in capsys.readouterr().out
+
+
+def test_the_basic_block_model_can_be_evaluated(tmp_path: Path) -> None:
+    from lrpfx.models import weights_dir
+    if not (weights_dir() / "resnet18_w16.safetensors").exists():
+        pytest.skip("no bundled weights resnet18_w16")
+    ev = evaluate.evaluate(n_images=3, batch_size=3, progress=False, points=10, model="bundled:resnet18_w16",
+                           only=["C3-LRP", "Grad-CAM", "Ground-truth"])
+    assert ev.result["model"] == "bundled:resnet18_w16"
+    assert not [k for k, r in ev.result["methods"].items() if "failed" in r] and len(ev.result["methods"]) == 3
+
+
+def test_a_model_not_trained_on_the_benchmark_is_refused() -> None:
+    with pytest.raises(SystemExit):
+        evaluate.main(["--model", "torchvision:resnet18", "--quick", "--no-progress"])
