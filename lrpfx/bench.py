@@ -48,6 +48,11 @@ def _floor(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> Cal
     return run
 
 
+def _floor_compiled(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callable[[], Any]:
+    """The floor with the model under torch.compile (forward and backward compiled by AOTAutograd)."""
+    return _floor(torch.compile(model), x, target)
+
+
 def _forward(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callable[[], Any]:
     def run() -> torch.Tensor:
         with torch.inference_mode():
@@ -103,7 +108,10 @@ def methods(compiled: bool, c3: bool) -> dict[str, Callable[..., Callable[[], An
     if c3:
         out["lrpfx:c3_lrp+C3"] = _lrpfx("c3_lrp", c3=True)
     if compiled:
+        out["floor (torch.compile)"] = _floor_compiled
         out.update({f"lrpfx:{r} (torch.compile)": _lrpfx(r, compiled=True) for r in LRPFX_RULES})
+        if c3:
+            out["lrpfx:c3_lrp+C3 (torch.compile)"] = _lrpfx("c3_lrp", compiled=True, c3=True)
     out["zennit:EpsilonPlusFlat"] = _zennit("EpsilonPlusFlat")
     out["zennit:EpsilonGammaBox"] = _zennit("EpsilonGammaBox")
     out["captum:LRP"] = _captum
@@ -115,7 +123,21 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _cuda_peak_mb(run: Callable[[], Any], device: str) -> float:
+    """Peak CUDA memory one call allocates beyond what was allocated before it (MB)."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    out = run()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    del out
+    return (peak - base) / 2**20
+
+
 def time_methods(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    if args.device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # every method gets cuDNN's fastest algorithms
     model = build_model(args.arch, args.device, getattr(torch, args.dtype))
     x = torch.randn(args.batch, 3, args.size, args.size, device=args.device, dtype=getattr(torch, args.dtype))
     target = model(x).argmax(1)
@@ -133,6 +155,8 @@ def time_methods(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         except Exception as e:  # a peer that fails is reported, not hidden
             runs.pop(name, None)
             notes[name] = f"failed: {type(e).__name__}: {str(e)[:120]}"
+    cuda_mb = {name: _cuda_peak_mb(run, args.device) for name, run in runs.items()} \
+        if args.device.startswith("cuda") else {}
     times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(args.rounds):
         for name, run in runs.items():
@@ -147,6 +171,9 @@ def time_methods(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         med = statistics.median(times[name]) if name in times else float("nan")
         table[name] = {"ms": med * 1e3, "images_per_s": args.batch / med if name in times else float("nan"),
                        "ratio_to_floor": med / floor, "note": notes[name]}
+        if name in cuda_mb:
+            table[name]["extra_mb"] = cuda_mb[name]
+            table[name]["memory_ratio_to_floor"] = cuda_mb[name] / cuda_mb.get("floor", float("nan"))
     return table
 
 
@@ -160,7 +187,7 @@ def _has_c3() -> bool:
 
 def _check(name: str, result: Any, model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> str:
     """A one-line sanity note: does the relevance sum to something near the target logit?"""
-    if name in ("forward", "floor"):
+    if name.startswith(("forward", "floor")):
         return ""
     rel = result[0] if isinstance(result, tuple) else result
     with torch.no_grad():
@@ -206,6 +233,13 @@ def measure_memory(args: argparse.Namespace, names: list[str]) -> dict[str, floa
     return out
 
 
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return (f"{torch.cuda.get_device_name(device)}; TF32 convolutions "
+                f"{'on' if torch.backends.cudnn.allow_tf32 else 'off'} (torch's default), cudnn.benchmark on")
+    return f"CPU, {os.cpu_count()} cores"
+
+
 def compile_time(arch: str = "resnet152", rules: str = "c3_lrp") -> float:
     model = torchvision.models.get_model(arch, weights=None).eval()
     t0 = time.perf_counter()
@@ -224,7 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--compile", action="store_true", help="also time lrpfx under torch.compile")
-    p.add_argument("--memory", action="store_true", help="measure peak memory per method (subprocesses, CPU)")
+    p.add_argument("--memory", action="store_true",
+                   help="measure peak memory per method (CPU: fresh subprocesses; CUDA: always measured, "
+                        "in process, from the caching allocator's peak)")
     p.add_argument("--only", nargs="*", help="method names to run (default: all)")
     p.add_argument("--json", help="write the results to this file")
     p.add_argument("--memory-of", help=argparse.SUPPRESS)
@@ -234,16 +270,16 @@ def main(argv: list[str] | None = None) -> int:
         memory_child(args)
         return 0
     table = time_methods(args)
-    if args.memory:
+    if args.memory and not args.device.startswith("cuda"):
         mem = measure_memory(args, [k for k in table if k != "forward" and table[k]["ms"] == table[k]["ms"]])
         floor_mb = mem.get("floor", float("nan"))
         for k, v in mem.items():
             table[k]["extra_mb"] = v
             table[k]["memory_ratio_to_floor"] = v / floor_mb
     result = {"config": {k: v for k, v in vars(args).items() if k != "memory_of"},
-              "torch": torch.__version__, "cpu_count": os.cpu_count(),
+              "torch": torch.__version__, "cpu_count": os.cpu_count(), "device_name": _device_name(args.device),
               "compile_resnet152_s": compile_time(), "methods": table}
-    print(f"{args.arch}, batch {args.batch}, {args.size}x{args.size}, {args.threads} threads, {args.device}, "
+    print(f"{args.arch}, batch {args.batch}, {args.size}x{args.size}, {args.threads} threads, {result['device_name']}, "
           f"{args.dtype}, median of {args.rounds} interleaved rounds")
     print(f"{'method':42s} {'ms/batch':>9s} {'img/s':>7s} {'x floor':>8s} {'extra MB':>9s} {'mem x floor':>11s}  note")
     for k, v in table.items():
