@@ -355,6 +355,19 @@ def test_connected_components_against_cv2(connectivity: int) -> None:
             assert (lab[~img] == h * w).all()
 
 
+@pytest.mark.parametrize("connectivity", [8, 4])
+def test_early_exit_gives_the_fixed_round_labels(connectivity: int) -> None:
+    """Eager mode stops once nothing changes; the traced graph's fixed count must give the same labels."""
+    g = np.random.default_rng(10 + connectivity)
+    for h, w in [(1, 9), (15, 15), (28, 28), (30, 30)]:
+        imgs = [g.random((h, w)) < p for p in g.uniform(0.1, 0.9, 30)]
+        imgs += [_maze(g, h, w) > 0, _diagonal(g, h, w) > 1, np.ones((h, w), bool), np.zeros((h, w), bool)]
+        fg = torch.from_numpy(np.stack(imgs))
+        fixed = connected_components(fg, connectivity, early_exit=False)
+        assert torch.equal(connected_components(fg, connectivity, early_exit=True), fixed)
+        assert torch.equal(connected_components(fg, connectivity), fixed)  # eager default: early exit
+
+
 def test_merge_rounds_bound() -> None:
     """⌈log₂ n⌉ rounds; the jumps shrink with the fragment count (10 rounds, 55 jumps at 28²)."""
     assert len(merge_rounds(784)) == 10 and sum(merge_rounds(784)) == 55

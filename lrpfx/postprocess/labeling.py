@@ -18,6 +18,11 @@ every component that still has more than one, so ⌈log₂ n⌉ rounds finish a 
 pixels. In round r a tree holds at most c_r = ⌈n / 2^r⌉ fragments, so its depth is below c_r
 and ⌈log₂ c_r⌉ pointer jumps reach the root. For a 28 × 28 map that is 10 rounds and 55 jumps.
 
+In eager mode the loops stop early, as soon as no fragment has a neighbour of another fragment
+(no later round changes anything) and as soon as a pointer jump changes nothing (the pointers
+already point at roots): the labels are identical, and real C3 maps need 2 to 4 of the 10 rounds
+at 28 × 28. Traced graphs (torch.export, ONNX, torch.compile) keep the fixed count.
+
 Labels are pixel indices (a root is some pixel of its component, not necessarily the first);
 background pixels get the label ``H * W``. No step depends on the data's values for its shape
 or its number of iterations, so the function traces into torch.export, ONNX and
@@ -30,8 +35,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-# the 3×3 window, row-major; 4-connectivity keeps the centre and its four edge neighbours
-_CROSS = (1, 3, 4, 5, 7)
+
+def eager() -> bool:
+    """True outside tracing and compilation, where data-dependent Python control flow is allowed."""
+    return not (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export())
 
 
 def merge_rounds(n: int) -> list[int]:
@@ -43,12 +50,15 @@ def merge_rounds(n: int) -> list[int]:
     return jumps
 
 
-def connected_components(fg: torch.Tensor, connectivity: int = 8) -> torch.Tensor:
+def connected_components(fg: torch.Tensor, connectivity: int = 8, *,
+                         early_exit: bool | None = None) -> torch.Tensor:
     """Label the connected components of a batch of binary images.
 
     Args:
         fg: bool tensor (N, H, W), True on the foreground.
         connectivity: 8 or 4.
+        early_exit: stop the rounds and the pointer jumps once they change nothing (one
+            host-device synchronisation per step); ``None``: in eager mode only.
 
     Returns:
         int64 (N, H, W): equal labels exactly on pixels of the same component; each label is
@@ -61,11 +71,17 @@ def connected_components(fg: torch.Tensor, connectivity: int = 8) -> torch.Tenso
     flat_fg = fg.reshape(n_img, n)
     labels = torch.where(flat_fg, torch.arange(n, device=fg.device), n)
     ids = torch.arange(n + 1, device=fg.device).expand(n_img, n + 1)
+    early = eager() if early_exit is None else early_exit
     for jumps in merge_rounds(n):
         target = _least_other_neighbour(labels, flat_fg, (h, w), connectivity, n)
+        if early and not bool((target < n).any()):
+            break  # every component is one fragment: later rounds map each label to itself
         pointer = _hook(labels, target, ids, n)
         for _ in range(jumps):
-            pointer = pointer.gather(1, pointer)
+            jumped = pointer.gather(1, pointer)
+            if early and torch.equal(jumped, pointer):
+                break  # every pointer is at its root
+            pointer = jumped
         labels = pointer.gather(1, labels)
     return labels.reshape(n_img, h, w)
 
@@ -74,14 +90,16 @@ def _least_other_neighbour(labels: torch.Tensor, fg: torch.Tensor, size: tuple[i
                            connectivity: int, n: int) -> torch.Tensor:
     """Per foreground pixel, the least label among neighbours of another fragment (else n)."""
     h, w = size
-    padded = F.pad(labels.reshape(-1, h, w), (1, 1, 1, 1), value=n)
+    # int32 inside the window: labels are < 2**31, and the CPU reduces int64 unvectorized (100x slower)
+    own = labels.to(torch.int32)
+    padded = F.pad(own.reshape(-1, h, w), (1, 1, 1, 1), value=n)
     # two separable shifts (3 row offsets, then 3 column offsets) give the whole 3×3 window
     rows = torch.stack([padded[:, i:i + h] for i in range(3)], 1)
     window = torch.stack([rows[..., j:j + w] for j in range(3)], 2).reshape(-1, 9, h * w)
-    if connectivity == 4:
-        window = window[:, list(_CROSS)]
-    other = torch.where(window != labels.unsqueeze(1), window, n).amin(1)
-    return torch.where(fg, other, n)
+    if connectivity == 4:  # the four edge neighbours (the centre, own label, never counts)
+        window = window[:, 1::2]
+    other = torch.where(window != own.unsqueeze(1), window, n).amin(1)
+    return torch.where(fg, other, n).long()
 
 
 def _hook(labels: torch.Tensor, target: torch.Tensor, ids: torch.Tensor, n: int) -> torch.Tensor:

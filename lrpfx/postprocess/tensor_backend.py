@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from lrpfx.errors import InputError
 from lrpfx.postprocess.c3 import (FLT_EPSILON, C3Config, Threshold, area_scale, nearest_indices,
                                   quantile_position)
-from lrpfx.postprocess.labeling import connected_components, first_pixel, outside_background
+from lrpfx.postprocess.labeling import connected_components, eager, first_pixel, outside_background
 
 _F64 = torch.float64
 
@@ -78,7 +78,7 @@ def _masked(values: torch.Tensor, mask: torch.Tensor, scale: float, dtype: torch
 # ----------------------------------------------------------------------------- input
 def _validating() -> bool:
     """Value checks run in eager mode only: exported and compiled graphs carry none."""
-    return not (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export())
+    return eager()
 
 
 def _as_batch(relevance: torch.Tensor) -> torch.Tensor:
@@ -104,6 +104,8 @@ def _apply_nan_policy(r: torch.Tensor, policy: str) -> tuple[torch.Tensor, torch
                          "input, or pass nan_policy='zero' to map non-finite values to 0.")
     if policy == "zero":
         valid = torch.ones_like(valid)
+    elif _validating():
+        return r, valid  # eager mode raised above on any non-finite value: nothing to replace
     return torch.where(finite, r, 0.0), valid
 
 
