@@ -100,10 +100,30 @@ class Emitter:
                 found.add(src)
         return found
 
+    def ratio_form(self) -> bool:
+        """Whether every op's rule has an exact ratio form (LRP-0 and routings, no block rule).
+
+        Then the emitted pass propagates c = R / value instead of R: each LRP-0 layer is its
+        transposed layer alone and each ReLU a mask, and the input relevance is x * c at the
+        end. It is LRP-0 exactly wherever a value is non-zero; where a hidden pre-activation
+        is exactly 0, LRP-0's 0/0 takes the gradient's value, so on ReLU networks the
+        result is Input x Gradient even there (an exactly-zero target logit still gives 0,
+        as LRP-0 does).
+        """
+        for n in self.plan.path:
+            if n.op == "placeholder":
+                continue
+            a = self.plan.assignments.get(n)
+            if a is None or a.block is not None or self.plan.kinds.get(n) not in a.rule.ratio_kinds():
+                return False
+        return True
+
     def relevance(self, target: fx.Node, logits: fx.Node) -> fx.Node:
         """Emit the relevance pass; returns the node holding the input relevance."""
-        top = self._node(Call(kernels.top_relevance, (logits, target), {"top": self.plan.ruleset.top}),
-                         f"rel_{self.plan.output.name}", {"rule": f"top={self.plan.ruleset.top}"})
+        self.ratio = self.ratio_form()
+        top_fn = kernels.ratio_top if self.ratio else kernels.top_relevance
+        top = self._node(Call(top_fn, (logits, target), {"top": self.plan.ruleset.top}),
+                         f"{self._prefix}_{self.plan.output.name}", {"rule": f"top={self.plan.ruleset.top}"})
         self.shares[self.plan.output] = [("output", top)]
         done: set[int] = set()
         for n in reversed(self.plan.path):
@@ -120,7 +140,15 @@ class Emitter:
         rel_x = self._combine(self.plan.input)
         if rel_x is None:
             raise LrpfxError("no relevance reaches the input: the output does not depend on it.")
+        if self.ratio:  # R_x = x * c_x
+            rel_x = self._node(Call(operator.mul, (self.env[self.plan.input], rel_x)), None,
+                               {"rule": "input times its ratio"})
         return rel_x
+
+    @property
+    def _prefix(self) -> str:
+        """Name prefix of the propagated values: relevance R, or ratios c = R / value."""
+        return "c" if getattr(self, "ratio", False) else "rel"
 
     def _apply(self, a: Any, n: fx.Node, rel: fx.Node) -> None:
         if a.block is not None:
@@ -129,12 +157,13 @@ class Emitter:
         else:
             op = self._op(n, rel)
             inputs = self.rel_inputs[n]
-        calls = a.rule.apply(op)
+        calls = a.rule.apply_ratio(op) if self.ratio else a.rule.apply(op)
         self._made.clear()
         meta = {"pattern": a.pattern, "rule": str(a.rule), "source": n.name, "rel_out": rel.name,
-                "block": a.block is not None}
+                "block": a.block is not None, "form": "ratio" if self.ratio else "relevance"}
+        p = self._prefix
         for i, call in zip(inputs, calls):
-            name = f"rel_{i.name}" if self.n_rel_users[i] == 1 else f"rel_{i.name}_from_{n.name}"
+            name = f"{p}_{i.name}" if self.n_rel_users[i] == 1 else f"{p}_{i.name}_from_{n.name}"
             share = self._node(call, name, meta)
             share.meta["lrpfx"]["share_of"] = i.name
             self.shares.setdefault(i, []).append((n.name, share))
@@ -145,7 +174,7 @@ class Emitter:
             return shares[0][1] if shares else None
         total = shares[0][1]
         for i, (_, s) in enumerate(shares[1:]):
-            name = f"rel_{n.name}" if i == len(shares) - 2 else None
+            name = f"{self._prefix}_{n.name}" if i == len(shares) - 2 else None
             total = self._node(Call(operator.add, (total, s)), name, {"rule": "sum of shares"})
         return total
 

@@ -118,6 +118,23 @@ def epsilon(a: torch.Tensor, z: torch.Tensor | None, rel: torch.Tensor, weight: 
     return _transpose(s, weight, a.shape, stride, padding, dilation, groups).mul_(a)  # in place: a fresh tensor
 
 
+def ratio_linear(c: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, *, stride: Sequence[int] | None = None,
+                 padding: Sequence[int] | None = None, dilation: Sequence[int] | None = None,
+                 groups: int = 1) -> torch.Tensor:
+    """LRP-0 on ratios: with R_z = z * c, R_a = a * W^T c, so c_a = W^T c (no division, no product)."""
+    return _transpose(c, weight, a.shape, stride, padding, dilation, groups)
+
+
+def ratio_relu(c: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """The ratio below a ReLU a = relu(z): c where a > 0, else 0 (one pass, autograd's own kernel)."""
+    return torch.ops.aten.threshold_backward(c, a, 0)
+
+
+def ratio_top(logits: torch.Tensor, target: torch.Tensor | int | None, *, top: str) -> torch.Tensor:
+    """The output relevance as a ratio to the logits, c = R / z (LRP-0's division at the top; 0 / 0 = 0)."""
+    return top_relevance(logits, target, top=top) / stabilize(logits, 0.0)
+
+
 def zplus(a: torch.Tensor, rel: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
           *, eps: float, nonneg: bool = False, stride: Sequence[int] | None = None,
           padding: Sequence[int] | None = None, dilation: Sequence[int] | None = None,
@@ -321,14 +338,22 @@ def avgpool(a: torch.Tensor, z: torch.Tensor, rel: torch.Tensor, *, eps: float,
     ``z`` is the pooled forward output; R_j = a_j * sum_{k: j in win(k)} R_k / (n_k * stabilize(z_k)).
     Any ``ceil_mode``, ``count_include_pad`` and ``divisor_override`` (n_k as PyTorch divides).
     """
-    s = rel / stabilize(z, eps)
+    return a * ratio_avgpool(rel / stabilize(z, eps), a, z, kernel_size=kernel_size, stride=stride,
+                             padding=padding, count_include_pad=count_include_pad, ceil_mode=ceil_mode,
+                             divisor_override=divisor_override)
+
+
+def ratio_avgpool(c: torch.Tensor, a: torch.Tensor, z: torch.Tensor, *, kernel_size: Sequence[int],
+                  stride: Sequence[int], padding: Sequence[int], count_include_pad: bool = True,
+                  ceil_mode: bool = False, divisor_override: int | None = None) -> torch.Tensor:
+    """L^T c for average pooling L (weights 1/n_k): the pooling's share of c, without the product with a."""
     if count_include_pad and not ceil_mode and divisor_override is None:
-        s = s / float(math.prod(kernel_size))  # every window has n = k_h * k_w
+        c = c / float(math.prod(kernel_size))  # every window has n = k_h * k_w
     else:
-        s = s * _window_inverse(a, z.shape, kernel_size=kernel_size, stride=stride, padding=padding,
+        c = c * _window_inverse(a, z.shape, kernel_size=kernel_size, stride=stride, padding=padding,
                                 ceil_mode=ceil_mode, count_include_pad=count_include_pad,
                                 divisor_override=divisor_override)
-    return a * _avgpool_transpose(s, a.shape, kernel_size=kernel_size, stride=stride, padding=padding)
+    return _avgpool_transpose(c, a.shape, kernel_size=kernel_size, stride=stride, padding=padding)
 
 
 def avg_pool(a: torch.Tensor, *, kernel_size: Sequence[int], stride: Sequence[int],
@@ -349,12 +374,16 @@ def _adaptive_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
 
 def adaptive_avgpool2d(a: torch.Tensor, z: torch.Tensor, rel: torch.Tensor, *, eps: float) -> torch.Tensor:
     """Adaptive 2-D average pooling as a linear layer (Norm rule), any output size."""
-    s = rel / stabilize(z, eps)
+    return a * ratio_adaptive_avgpool2d(rel / stabilize(z, eps), a, z)
+
+
+def ratio_adaptive_avgpool2d(c: torch.Tensor, a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """L^T c for adaptive average pooling L (any output size); global pooling broadcasts."""
     (h, w), (oh, ow) = a.shape[-2:], z.shape[-2:]
     if oh == 1 and ow == 1:  # global pooling, the common case: a broadcast
-        return a * (s / float(h * w))
+        return (c / float(h * w)).expand(a.shape)
     ph, pw = _adaptive_matrix(h, oh, a), _adaptive_matrix(w, ow, a)
-    return a * (ph.t() @ s @ pw)
+    return ph.t() @ c @ pw
 
 
 def maxpool_wta(a: torch.Tensor, rel: torch.Tensor, *, kernel_size: Sequence[int],
@@ -542,29 +571,45 @@ def _to(v: Any, dtype: torch.dtype) -> Any:
     return v
 
 
+def _off_masks(acts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Where each ReLU of the block is off (its output is 0; ReLU outputs are never negative)."""
+    return [a == 0 for a in acts]
+
+
 def _block_transpose(g: torch.Tensor, x: torch.Tensor, acts: Sequence[torch.Tensor],
                      weights: Sequence[torch.Tensor], geometry: Sequence[Geo],
-                     gate: torch.Tensor | None = None) -> torch.Tensor:
-    """J_F^T g through the main branch, with the gate and the ReLU masks of the real forward."""
+                     gate: torch.Tensor | None = None, off: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    """J_F^T g through the main branch, with the gate and the ReLU masks of the real forward.
+
+    Returns a fresh tensor (a transposed convolution's output, masked in place).
+    """
     if gate is not None:
         g = g * gate
+    off = _off_masks(acts) if off is None else off
     ins = [x, *acts]
     for i in reversed(range(len(weights))):
         g = _transpose(g, weights[i], ins[i].shape, *geometry[i])
         if i > 0:
-            g = torch.where(acts[i - 1] > 0, g, torch.zeros_like(g))
+            g = g.masked_fill_(off[i - 1], 0.0)  # in place: a fresh transpose output
     return g
 
 
 def _main_twin(x: torch.Tensor, acts: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
-               geometry: Sequence[Geo], gate: torch.Tensor | None) -> torch.Tensor:
-    """The main branch with ``weights``, biases dropped, the forward's ReLU masks and gate: J_F x."""
+               geometry: Sequence[Geo], gate: torch.Tensor | None,
+               off: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    """The main branch with ``weights``, biases dropped, the forward's ReLU masks and gate: J_F x (fresh)."""
+    off = _off_masks(acts) if off is None else off
     h = x
     for i, w in enumerate(weights):
         h = _forward(h, w, None, *geometry[i])
         if i < len(acts):
-            h = torch.where(acts[i] > 0, h, torch.zeros_like(h))
+            h = h.masked_fill_(off[i], 0.0)  # in place: a fresh convolution output
     return h if gate is None else h * gate
+
+
+def _block_output_share(rel: torch.Tensor, den: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``rel / den`` where the block's output is positive, 0 elsewhere (fresh; den may be 0 there)."""
+    return (rel / den).masked_fill_(out <= 0, 0.0)
 
 
 def _pool(x: torch.Tensor, spec: PoolSpec) -> torch.Tensor:
@@ -613,9 +658,10 @@ def block_dense_eps(x: torch.Tensor, out: torch.Tensor, rel: torch.Tensor, acts:
     model with its gates detached); the effective bias of the block (its BatchNorm shifts,
     through the ReLU gates) absorbs or adds relevance.
     """
-    g = (rel / stabilize(out, eps)) * (out > 0).to(rel.dtype)
-    return x * (_block_transpose(g, x, acts, weights, geometry, gate)
-                + _skip_transpose(g, x, skip_weight, skip_geometry, skip_pool))
+    # where O > 0, stabilize(O) = O + eps; elsewhere the share is masked to 0 whatever the division gives
+    g = _block_output_share(rel, out + effective_eps(eps, out.dtype), out)
+    total = _block_transpose(g, x, acts, weights, geometry, gate)
+    return total.add_(_skip_transpose(g, x, skip_weight, skip_geometry, skip_pool)).mul_(x)
 
 
 @_float16_in_float32
@@ -623,7 +669,7 @@ def block_dense_zplus(x: torch.Tensor, out: torch.Tensor, rel: torch.Tensor, act
                       weights: Sequence[torch.Tensor], skip_weight: torch.Tensor | None = None,
                       gate: torch.Tensor | None = None, *, geometry: Sequence[Geo],
                       skip_geometry: Geo | None = None, skip_pool: PoolSpec | None = None,
-                      eps: float) -> torch.Tensor:
+                      eps: float, nonneg: bool = False) -> torch.Tensor:
     """The block as one positive dense layer (METHOD_SPEC §2, Formulation B).
 
     The block's positive twin: folded weights clamped at 0, biases dropped, each ReLU
@@ -631,13 +677,17 @@ def block_dense_zplus(x: torch.Tensor, out: torch.Tensor, rel: torch.Tensor, act
     projection clamped too (after the shortcut's average pooling, itself positive). It is
     linear, u+ = J+ x with J+ >= 0, and R_x = x * (J+)^T (R_O / (u+ + eps)): non-negative for
     x >= 0 and conserving up to eps. The split between shortcut and main branch is implicit.
+    ``nonneg=True`` states that x >= 0 (proven at compile time), so u+ >= 0 and the
+    stabilizer needs no sign.
     """
     wp = [w.clamp(min=0) for w in weights]
     swp = None if skip_weight is None else skip_weight.clamp(min=0)
-    u_plus = _main_twin(x, acts, wp, geometry, gate) + _skip_forward(x, swp, skip_geometry, skip_pool)
-    g = rel * (out > 0).to(rel.dtype) / stabilize(u_plus, eps)
-    return x * (_block_transpose(g, x, acts, wp, geometry, gate)
-                + _skip_transpose(g, x, swp, skip_geometry, skip_pool))
+    off = _off_masks(acts)  # shared by the twin's forward and its transpose
+    u_plus = _main_twin(x, acts, wp, geometry, gate, off)
+    u_plus = u_plus.add_(_skip_forward(x, swp, skip_geometry, skip_pool))  # in place: fresh
+    g = _block_output_share(rel, stabilize(u_plus, eps, nonneg=nonneg), out)
+    total = _block_transpose(g, x, acts, wp, geometry, gate, off)
+    return total.add_(_skip_transpose(g, x, swp, skip_geometry, skip_pool)).mul_(x)
 
 
 def split_ratio(h_main: torch.Tensor, h_skip: torch.Tensor, *, split: str, eps: float) -> torch.Tensor:

@@ -77,6 +77,20 @@ class Rule:
         """One call per entry of ``op.inputs``: the relevance of that input."""
         raise NotImplementedError
 
+    def ratio_kinds(self) -> frozenset[str]:
+        """Op kinds on which this rule has an exact *ratio form* (see :meth:`apply_ratio`)."""
+        return frozenset()
+
+    def apply_ratio(self, op: Op) -> tuple[Call, ...]:
+        """The rule on ratios: ``op.rel`` holds c with R_out = out * c; returns c_i with R_i = input_i * c_i.
+
+        Only for rules that are proportional with no stabilizer to divide by (LRP-0 and the
+        routings): a network bound to them only is explained by the chain of these calls
+        (the gradient, for LRP-0 on ReLU networks), with no division and no product per
+        layer. Called only for kinds in :meth:`ratio_kinds`.
+        """
+        raise NotImplementedError
+
     def __str__(self) -> str:
         args = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self))
         return f"{type(self).__name__}({args})"
@@ -129,6 +143,23 @@ class Epsilon(Rule):
             return (Call(kernels.adaptive_avgpool2d, (a, op.out, op.rel), {"eps": self.eps}),)
         factor = Call(kernels.add_split, (op.out, op.rel), {"eps": self.eps})
         return tuple(Call(operator.mul, (h, factor)) for h in op.inputs)
+
+    def ratio_kinds(self) -> frozenset[str]:
+        # R_in = a * T(R / z) is a * T(c): exact when no stabilizer and no dropped bias changes z
+        if self.eps != 0 or self.zero_bias:
+            return frozenset()
+        return frozenset({"conv", "linear", "avgpool", "adaptive_avgpool", "add"})
+
+    def apply_ratio(self, op: Op) -> tuple[Call, ...]:
+        if op.kind in LINEAR_KINDS:
+            return (Call(kernels.ratio_linear, (op.rel, op.inputs[0], op.params["weight"]), _geometry(op)),)
+        if op.kind == "avgpool":
+            pool = {k: op.attrs[k] for k in ("kernel_size", "stride", "padding", "count_include_pad",
+                                             "ceil_mode", "divisor_override")}
+            return (Call(kernels.ratio_avgpool, (op.rel, op.inputs[0], op.out), pool),)
+        if op.kind == "adaptive_avgpool":
+            return (Call(kernels.ratio_adaptive_avgpool2d, (op.rel, op.inputs[0], op.out)),)
+        return tuple(Call(kernels.reshape_as, (op.rel, h)) for h in op.inputs)  # add: every summand keeps c
 
 
 @dataclass(frozen=True)
@@ -293,6 +324,14 @@ class Pass(Rule):
     def apply(self, op: Op) -> tuple[Call, ...]:
         return (Call(kernels.reshape_as, (op.rel, op.inputs[0])),)
 
+    def ratio_kinds(self) -> frozenset[str]:
+        return frozenset({"relu", "reshape"})  # not the clipping activations: their a/z is no mask
+
+    def apply_ratio(self, op: Op) -> tuple[Call, ...]:
+        if op.kind == "relu":  # R_z = R_a = a * c, so c_z = c where a = z > 0, else 0
+            return (Call(kernels.ratio_relu, (op.rel, op.out)),)
+        return self.apply(op)
+
 
 @dataclass(frozen=True)
 class WinnerTakesAll(Rule):
@@ -308,6 +347,12 @@ class WinnerTakesAll(Rule):
                          {"output_size": op.attrs["output_size"]}),)
         return (Call(kernels.maxpool_wta, (op.inputs[0], op.rel),
                      {k: op.attrs[k] for k in ("kernel_size", "stride", "padding", "dilation", "ceil_mode")}),)
+
+    def ratio_kinds(self) -> frozenset[str]:
+        return self.kinds  # the winner holds the output's value, so c routes as R does
+
+    def apply_ratio(self, op: Op) -> tuple[Call, ...]:
+        return self.apply(op)
 
 
 @dataclass(frozen=True)
@@ -346,6 +391,12 @@ class Slice(Rule):
     def apply(self, op: Op) -> tuple[Call, ...]:
         return tuple(Call(kernels.cat_slice, (op.rel, op.attrs["parts"]), {"dim": op.attrs["dim"], "index": i})
                      for i in op.attrs["index"])
+
+    def ratio_kinds(self) -> frozenset[str]:
+        return self.kinds
+
+    def apply_ratio(self, op: Op) -> tuple[Call, ...]:
+        return self.apply(op)
 
 
 @dataclass(frozen=True)
@@ -469,7 +520,7 @@ class DenseZPlus(Rule):
         (w, sw), geo = _block_args(op)
         return (Call(kernels.block_dense_zplus, (op.inputs[0], op.out, op.rel, op.attrs["acts"], w, sw,
                                                  *_gate(op)),
-                     {**geo, "eps": self.stabilizer}),)
+                     {**geo, "eps": self.stabilizer, "nonneg": op.nonneg[0]}),)
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ def models() -> dict[str, torch.nn.Module]:
     return {a: tv_model(a, dtype=torch.float32, num_classes=10) for a in ("resnet18", "resnet50")}
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
-@pytest.mark.parametrize("rules", ["epsilon_plus_flat", "c3_lrp"])
+@pytest.mark.parametrize(("arch", "rules"), [(a, r) for a in ("resnet18", "resnet50")
+                                             for r in ("epsilon_plus_flat", "c3_lrp")] + [("resnet18", "lrp0")])
 def test_onnx_runs_in_onnxruntime_with_a_dynamic_batch(models, tmp_path: Path, arch: str, rules: str) -> None:
     explainer = lrpfx.compile(models[arch], rules)
     path = lrpfx.export_onnx(explainer, tmp_path / "explainer.onnx", torch.randn(2, 3, 64, 64))

@@ -5,6 +5,8 @@ import pytest
 import torch
 
 import lrpfx
+import lrpfx.emit
+from lrpfx.rules import Epsilon
 from conftest import input_x_gradient, rel_err, tv_model
 
 ARCHS = ["resnet18", "resnet34", "resnet50", "resnext50_32x4d", "wide_resnet50_2"]
@@ -47,3 +49,28 @@ def test_runs_under_inference_mode(resnet18_f64: torch.nn.Module) -> None:
     with torch.inference_mode():
         relevance, _ = explainer(x, 2)
     assert rel_err(relevance, input_x_gradient(resnet18_f64, x, torch.tensor([2]))) < 1e-6
+
+
+def test_lrp0_is_emitted_in_ratio_form_and_epsilon_is_not(resnet18_f64: torch.nn.Module) -> None:
+    """LRP-0 propagates c = R / value (one transposed layer and one ReLU mask per layer, no division);
+    a stabilizer (eps > 0) makes the division real, so `epsilon` keeps the relevance form."""
+    def forms(rules: str, **kw: object) -> set[str]:
+        gm = lrpfx.compile(resnet18_f64, rules, **kw)
+        return {n.meta["lrpfx"]["form"] for n in gm.graph.nodes if "form" in n.meta.get("lrpfx", {})}
+
+    assert forms("lrp0") == {"ratio"}
+    assert forms("epsilon") == {"relevance"}
+    assert forms("lrp0", bindings={"add": Epsilon(eps=1e-6)}) == {"relevance"}  # one op without a ratio form
+    code = lrpfx.compile(resnet18_f64, "lrp0").code
+    assert "ratio_linear" in code and "stabilize" not in code and "lrpfx_kernels_epsilon" not in code
+
+
+def test_ratio_form_equals_the_relevance_form(resnet18_f64: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The two emissions of LRP-0 agree wherever no pre-activation is exactly 0 (random float64 input)."""
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    ratio, _ = lrpfx.compile(resnet18_f64, "lrp0")(x)
+    monkeypatch.setattr(lrpfx.emit.Emitter, "ratio_form", lambda self: False)
+    explainer = lrpfx.compile(resnet18_f64, "lrp0")
+    assert "ratio_linear" not in explainer.code
+    relevance, _ = explainer(x)
+    assert torch.allclose(ratio, relevance, rtol=1e-9, atol=1e-12 * relevance.abs().max().item())
