@@ -3,7 +3,7 @@
 # checks, then `python -m lrpfx.bench` in float32 and bfloat16, eager, then torch.compile.
 # Each stage has its own timeout and writes its JSON at once, so a cut-off run keeps what it did.
 #
-#   bash benchmarks/gpu.sh [stages]     # stages: any of check fp32 bf16 cfp32 cbf16 (default: all)
+#   bash benchmarks/gpu.sh [stages]     # stages: any of check fp32 bf16 cfp32 cbf16 profile (default: all)
 #
 # Needs torch with CUDA, zennit and captum importable (or as wheels in .whl/, installed to
 # /tmp/site); lrpfx is copied to /tmp/site with its rule sets, so no build step is needed.
@@ -12,7 +12,7 @@ OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log.txt") 2>&1
 repo=$PWD
-stages=${*:-check fp32 bf16 cfp32 cbf16}
+stages=${*:-check fp32 bf16 cfp32 cbf16 profile}
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
 site=/tmp/site
 mkdir -p "$site"
@@ -34,6 +34,8 @@ for s in $stages; do
     bf16) timeout 150 $bench --dtype bfloat16 --rounds 20 --warmup 3 --json "$OUT/results_gpu_bf16.json" ;;
     cfp32) timeout 300 $bench --dtype float32 "${compiled[@]}" --json "$OUT/results_gpu_compile_fp32.json" ;;
     cbf16) timeout 300 $bench --dtype bfloat16 "${compiled[@]}" --json "$OUT/results_gpu_compile_bf16.json" ;;
+    profile) timeout 150 python3 "$repo/benchmarks/gpu_profile.py" --rules lrp0 c3_lrp epsilon_plus_flat > "$OUT/profile_fp32.txt" 2>&1
+             grep -E "^###|^C3 stage" "$OUT/profile_fp32.txt" ;;
   esac
   echo "=== stage $s ended with $? ($(date +%T))"
 done
