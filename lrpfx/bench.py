@@ -64,6 +64,8 @@ def _lrpfx(rules: str, compiled: bool = False, c3: bool = False) -> Callable[...
     def make(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callable[[], Any]:
         kwargs = {"c3": True} if c3 else {}
         explainer = lrpfx.compile(model, rules, **kwargs)
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            explainer = explainer.to(memory_format=torch.channels_last)  # its 4-D weights, as the model's
         fn = torch.compile(explainer, fullgraph=True) if compiled else explainer
 
         def run() -> Any:
@@ -140,6 +142,9 @@ def time_methods(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         torch.backends.cudnn.benchmark = True  # every method gets cuDNN's fastest algorithms
     model = build_model(args.arch, args.device, getattr(torch, args.dtype))
     x = torch.randn(args.batch, 3, args.size, args.size, device=args.device, dtype=getattr(torch, args.dtype))
+    if args.channels_last:  # every method, the floor included, on NHWC weights and input
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     target = model(x).argmax(1)
     runs: dict[str, Callable[[], Any]] = {}
     notes: dict[str, str] = {}
@@ -258,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--compile", action="store_true", help="also time lrpfx under torch.compile")
+    p.add_argument("--channels-last", action="store_true",
+                   help="run every method on a channels-last model and input (NHWC; the explainer's weights too)")
     p.add_argument("--memory", action="store_true",
                    help="measure peak memory per method (CPU: fresh subprocesses; CUDA: always measured, "
                         "in process, from the caching allocator's peak)")
@@ -280,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
               "torch": torch.__version__, "cpu_count": os.cpu_count(), "device_name": _device_name(args.device),
               "compile_resnet152_s": compile_time(), "methods": table}
     print(f"{args.arch}, batch {args.batch}, {args.size}x{args.size}, {args.threads} threads, {result['device_name']}, "
-          f"{args.dtype}, median of {args.rounds} interleaved rounds")
+          f"{args.dtype}{', channels-last' if args.channels_last else ''}, median of {args.rounds} interleaved rounds")
     print(f"{'method':42s} {'ms/batch':>9s} {'img/s':>7s} {'x floor':>8s} {'extra MB':>9s} {'mem x floor':>11s}  note")
     for k, v in table.items():
         print(f"{k:42s} {v['ms']:9.0f} {v['images_per_s']:7.1f} {v['ratio_to_floor']:8.2f} "

@@ -357,3 +357,16 @@ def test_model_is_not_modified_by_a_failed_compile() -> None:
     with pytest.raises(lrpfx.UnmatchedNodeError):
         lrpfx.compile(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("rules", ["lrp0", "epsilon_plus_flat", "c3_lrp"])
+def test_channels_last_model_and_input_give_the_same_relevance(rules: str) -> None:
+    """NHWC weights and input (the fast layout of cuDNN's tensor-core kernels) change no value."""
+    from conftest import tv_model
+    model = tv_model("resnet18", dtype=torch.float64, num_classes=10)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    reference, _ = lrpfx.compile(model, rules)(x)
+    nhwc = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    explainer = lrpfx.compile(nhwc, rules).to(memory_format=torch.channels_last)
+    relevance, _ = explainer(x.contiguous(memory_format=torch.channels_last))
+    assert rel_err(relevance, reference) < 1e-12

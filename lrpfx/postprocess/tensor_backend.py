@@ -145,14 +145,17 @@ def area_resize(x: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
 
 
 def _cv2_block_sum(blocks: torch.Tensor) -> torch.Tensor:
-    # cv2 adds a block four values at a time, ((a + b) + c) + d, then one at a time
+    # cv2 adds a block four values at a time, ((a + b) + c) + d, then one at a time: the groups of
+    # four are summed for all groups at once, and the running total adds them in cv2's order
     area = blocks.shape[-1]
+    n_groups = area // 4
     total = torch.zeros_like(blocks[..., 0])
-    k = 0
-    while k <= area - 4:
-        total = total + (((blocks[..., k] + blocks[..., k + 1]) + blocks[..., k + 2]) + blocks[..., k + 3])
-        k += 4
-    for j in range(k, area):
+    if n_groups:
+        quads = blocks[..., :4 * n_groups].unflatten(-1, (n_groups, 4))
+        sums = ((quads[..., 0] + quads[..., 1]) + quads[..., 2]) + quads[..., 3]
+        for group in sums.unbind(-1):
+            total = total + group
+    for j in range(4 * n_groups, area):
         total = total + blocks[..., j]
     return total
 
