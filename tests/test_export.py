@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,18 @@ def test_torch_export_reproduces_outputs(models) -> None:
     ours, exported = explainer(x), program.module()(x)
     assert len(ours) == len(exported) == 4
     assert all(torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6) for a, b in zip(ours, exported))
+
+
+def test_torch_jit_trace_reproduces_outputs_on_another_batch_size(models) -> None:
+    """jit.trace records the fixed-count C3 graph (no eager early exit) and no value check."""
+    explainer = lrpfx.compile(models["resnet18"], "c3_lrp", c3=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(explainer, (torch.randn(2, 3, 56, 56),), check_trace=False)
+    x = torch.randn(3, 3, 56, 56)
+    ours, theirs = explainer(x), traced(x)
+    assert rel_err(theirs[0], ours[0]) < 1e-6 and torch.equal(theirs[1], ours[1])
+    assert torch.equal(theirs[3], ours[3])
 
 
 def test_torch_compile_fullgraph_matches_eager(models) -> None:
