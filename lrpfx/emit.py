@@ -101,22 +101,15 @@ class Emitter:
         return found
 
     def ratio_form(self) -> bool:
-        """Whether every op's rule has an exact ratio form (LRP-0 and routings, no block rule).
+        """Whether to propagate ratios c = R / value instead of relevance (:meth:`Plan.ratio_form`).
 
-        Then the emitted pass propagates c = R / value instead of R: each LRP-0 layer is its
-        transposed layer alone and each ReLU a mask, and the input relevance is x * c at the
-        end. It is LRP-0 exactly wherever a value is non-zero; where a hidden pre-activation
-        is exactly 0, LRP-0's 0/0 takes the gradient's value, so on ReLU networks the
-        result is Input x Gradient even there (an exactly-zero target logit still gives 0,
-        as LRP-0 does).
+        With every rule in ratio form, each LRP-0 layer is its transposed layer alone and each
+        ReLU a mask, and the input relevance is x * c at the end. It is LRP-0 exactly wherever
+        a value is non-zero; where a hidden pre-activation is exactly 0, LRP-0's 0/0 takes the
+        gradient's value, so on ReLU networks the result is Input x Gradient even there (an
+        exactly-zero target logit still gives 0, as LRP-0 does).
         """
-        for n in self.plan.path:
-            if n.op == "placeholder":
-                continue
-            a = self.plan.assignments.get(n)
-            if a is None or a.block is not None or self.plan.kinds.get(n) not in a.rule.ratio_kinds():
-                return False
-        return True
+        return self.plan.ratio_form()
 
     def relevance(self, target: fx.Node, logits: fx.Node) -> fx.Node:
         """Emit the relevance pass; returns the node holding the input relevance."""

@@ -65,6 +65,19 @@ class Plan:
             out.append((n.name, describe(n, self.gm), pattern, rule))
         return out
 
+    def ratio_form(self) -> bool:
+        """Whether every op's rule has an exact ratio form (LRP-0 and routings, no block rule).
+
+        Then the explainer propagates c = R / value instead of R (see docs/pipeline.md).
+        """
+        for n in self.path:
+            if n.op == "placeholder":
+                continue
+            a = self.assignments.get(n)
+            if a is None or a.block is not None or self.kinds.get(n) not in a.rule.ratio_kinds():
+                return False
+        return True
+
     def __str__(self) -> str:
         rows = [("node", "op", "pattern", "rule")] + self.rows()
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
@@ -73,6 +86,9 @@ class Plan:
         if self.unmatched:
             lines.append(f"unmatched: {', '.join(n.name for n in self.unmatched)}")
         lines += [f"near miss: {m}" for m in self.near_misses]
+        if not self.unmatched and self.ratio_form():
+            lines.append("emitted in ratio form: c = R / value is propagated (one transposed layer and one "
+                         "ReLU mask per layer), R = x * c at the input")
         return "\n".join(lines)
 
     __repr__ = __str__

@@ -59,6 +59,8 @@ def test_lrp0_is_emitted_in_ratio_form_and_epsilon_is_not(resnet18_f64: torch.nn
         return {n.meta["lrpfx"]["form"] for n in gm.graph.nodes if "form" in n.meta.get("lrpfx", {})}
 
     assert forms("lrp0") == {"ratio"}
+    assert "emitted in ratio form" in str(lrpfx.inspect(resnet18_f64, "lrp0"))
+    assert "ratio form" not in str(lrpfx.inspect(resnet18_f64, "epsilon"))
     assert forms("epsilon") == {"relevance"}
     assert forms("lrp0", bindings={"add": Epsilon(eps=1e-6)}) == {"relevance"}  # one op without a ratio form
     code = lrpfx.compile(resnet18_f64, "lrp0").code
