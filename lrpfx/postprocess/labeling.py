@@ -20,8 +20,9 @@ and ⌈log₂ c_r⌉ pointer jumps reach the root. For a 28 × 28 map that is 10
 
 In eager mode the loops stop early, as soon as no fragment has a neighbour of another fragment
 (no later round changes anything) and as soon as a pointer jump changes nothing (the pointers
-already point at roots): the labels are identical, and real C3 maps need 2 to 4 of the 10 rounds
-at 28 × 28. Traced graphs (torch.export, ONNX, torch.compile) keep the fixed count.
+already point at roots): the labels are identical, and the 28 × 28 C3 maps of a ResNet-50
+measured here needed 2 or 3 of the 10 rounds. Traced graphs (torch.export, ONNX,
+torch.compile, torch.jit.trace) keep the fixed count.
 
 Labels are pixel indices (a root is some pixel of its component, not necessarily the first);
 background pixels get the label ``H * W``. No step depends on the data's values for its shape
