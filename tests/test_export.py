@@ -64,6 +64,7 @@ def test_torch_jit_trace_reproduces_outputs_on_another_batch_size(models) -> Non
     explainer = lrpfx.compile(models["resnet18"], "c3_lrp", c3=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", FutureWarning)  # torch 2.14 deprecates TorchScript
         traced = torch.jit.trace(explainer, (torch.randn(2, 3, 56, 56),), check_trace=False)
     x = torch.randn(3, 3, 56, 56)
     ours, theirs = explainer(x), traced(x)
