@@ -40,6 +40,7 @@ class Emitter:
             for i in self._inputs_of(n):
                 self.n_rel_users[i] += 1
         self.rectified = self._rectifiable()
+        self.ratio = plan.ratio_form()  # propagate c = R / value (LRP-0 networks) instead of R
 
     # ------------------------------------------------------------------ graph building
     def forward_replay(self) -> tuple[fx.Node, fx.Node]:
@@ -100,20 +101,8 @@ class Emitter:
                 found.add(src)
         return found
 
-    def ratio_form(self) -> bool:
-        """Whether to propagate ratios c = R / value instead of relevance (:meth:`Plan.ratio_form`).
-
-        With every rule in ratio form, each LRP-0 layer is its transposed layer alone and each
-        ReLU a mask, and the input relevance is x * c at the end. It is LRP-0 exactly wherever
-        a value is non-zero; where a hidden pre-activation is exactly 0, LRP-0's 0/0 takes the
-        gradient's value, so on ReLU networks the result is Input x Gradient even there (an
-        exactly-zero target logit still gives 0, as LRP-0 does).
-        """
-        return self.plan.ratio_form()
-
     def relevance(self, target: fx.Node, logits: fx.Node) -> fx.Node:
         """Emit the relevance pass; returns the node holding the input relevance."""
-        self.ratio = self.ratio_form()
         top_fn = kernels.ratio_top if self.ratio else kernels.top_relevance
         top = self._node(Call(top_fn, (logits, target), {"top": self.plan.ruleset.top}),
                          f"{self._prefix}_{self.plan.output.name}", {"rule": f"top={self.plan.ruleset.top}"})
@@ -141,7 +130,7 @@ class Emitter:
     @property
     def _prefix(self) -> str:
         """Name prefix of the propagated values: relevance R, or ratios c = R / value."""
-        return "c" if getattr(self, "ratio", False) else "rel"
+        return "c" if self.ratio else "rel"
 
     def _apply(self, a: Any, n: fx.Node, rel: fx.Node) -> None:
         if a.block is not None:

@@ -148,10 +148,8 @@ def zplus(a: torch.Tensor, rel: torch.Tensor, weight: torch.Tensor, bias: torch.
     geo = (stride, padding, dilation, groups)
     wp = weight.clamp(min=0)
     if nonneg:
-        z = _forward(a, wp, _pos(bias), *geo)  # >= 0: a >= 0, w+ >= 0, b+ >= 0
-        eps = effective_eps(eps, z.dtype)
-        z = z.add_(eps) if eps else stabilize(z, eps)  # in place on the fresh output: one pass
-        return _transpose(rel / z, wp, a.shape, *geo).mul_(a)
+        z = _forward(a, wp, _pos(bias), *geo)  # >= 0: a >= 0, w+ >= 0, b+ >= 0, so no sign to take
+        return _transpose(rel / stabilize(z, eps, nonneg=True), wp, a.shape, *geo).mul_(a)
     wn = weight.clamp(max=0)
     ap, an = a.clamp(min=0), a.clamp(max=0)
     z = _forward(ap, wp, _pos(bias), *geo) + _forward(an, wn, None, *geo)

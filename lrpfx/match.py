@@ -68,7 +68,12 @@ class Plan:
     def ratio_form(self) -> bool:
         """Whether every op's rule has an exact ratio form (LRP-0 and routings, no block rule).
 
-        Then the explainer propagates c = R / value instead of R (see docs/pipeline.md).
+        Then the explainer propagates c = R / value instead of R (docs/pipeline.md): each
+        LRP-0 layer is its transposed layer alone and each ReLU a mask, and the input
+        relevance is x * c at the end. It is LRP-0 exactly wherever a value is non-zero; where
+        a hidden pre-activation is exactly 0, LRP-0's 0/0 takes the gradient's value, so on
+        ReLU networks the result is Input x Gradient even there (an exactly-zero target logit
+        still gives 0, as LRP-0 does).
         """
         for n in self.path:
             if n.op == "placeholder":

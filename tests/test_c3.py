@@ -342,13 +342,15 @@ def _same_partition(labels: np.ndarray, reference: np.ndarray) -> bool:
     return len(pairs) == len(np.unique(labels)) == len(np.unique(reference))
 
 
+@pytest.mark.parametrize("early_exit", [True, False])  # eager mode's early stop; the traced graphs' fixed count
 @pytest.mark.parametrize("connectivity", [8, 4])
-def test_connected_components_against_cv2(connectivity: int) -> None:
+def test_connected_components_against_cv2(connectivity: int, early_exit: bool) -> None:
     g = np.random.default_rng(connectivity)
     for h, w in [(1, 1), (1, 9), (9, 1), (15, 15), (28, 28)]:
         imgs = [g.random((h, w)) < p for p in g.uniform(0.1, 0.9, 40)]
         imgs += [_maze(g, h, w) > 0, _diagonal(g, h, w) > 1, np.ones((h, w), bool), np.zeros((h, w), bool)]
-        labels = connected_components(torch.from_numpy(np.stack(imgs)), connectivity).numpy()
+        fg = torch.from_numpy(np.stack(imgs))
+        labels = connected_components(fg, connectivity, early_exit=early_exit).numpy()
         for img, lab in zip(imgs, labels):
             _, expected = cv2.connectedComponents(img.astype(np.uint8), connectivity=connectivity)
             assert _same_partition(lab, expected)

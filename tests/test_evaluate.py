@@ -116,9 +116,6 @@ def test_quick_command_writes_table_json_and_figure(tmp_path: Path, capsys: pyte
 
 
 def test_the_basic_block_model_can_be_evaluated(tmp_path: Path) -> None:
-    from lrpfx.models import weights_dir
-    if not (weights_dir() / "resnet18_w16.safetensors").exists():
-        pytest.skip("no bundled weights resnet18_w16")
     ev = evaluate.evaluate(n_images=3, batch_size=3, progress=False, points=10, model="bundled:resnet18_w16",
                            only=["C3-LRP", "Grad-CAM", "Ground-truth"])
     assert ev.result["model"] == "bundled:resnet18_w16"

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from lrpfx.datasets import CLASSES, generate_batch
-from lrpfx.models import ABNResNet, build, bundled_abn, bundled_metadata, bundled_resnet, bundled_resnet18, load_bundled, load_state, save_state, weights_dir
+from lrpfx.models import ABNResNet, build, bundled_abn, bundled_metadata, bundled_resnet, bundled_resnet18, load_bundled, load_state, save_state
 
 torch.set_num_threads(1)
 
@@ -74,8 +74,6 @@ def test_missing_weights_name_the_file(tmp_path) -> None:
 
 @pytest.mark.parametrize("name", ["resnet50_w16", "abn_resnet50_w16", "resnet18_w16"])
 def test_bundled_weights_accuracy(name: str) -> None:
-    if not (weights_dir() / f"{name}.safetensors").exists():
-        pytest.skip(f"no bundled weights {name} trained yet")
     meta = bundled_metadata(name)
     assert meta["classes"] == list(CLASSES) and meta["test_accuracy"] >= 0.9
     model = load_bundled(name)
@@ -88,8 +86,6 @@ def test_bundled_weights_accuracy(name: str) -> None:
 def test_bundled_basic_block_model_compiles_with_its_blocks_matched() -> None:
     """The ResNet-18-layout model: 8 basic blocks under c3_lrp, relevance near the logit."""
     import lrpfx
-    if not (weights_dir() / "resnet18_w16.safetensors").exists():
-        pytest.skip("no bundled weights resnet18_w16 trained yet")
     model = load_bundled("resnet18_w16")
     plan = lrpfx.inspect(model, "c3_lrp")
     assert len({a.block.nodes[0] for a in plan.assignments.values() if a.block is not None}) == 8
