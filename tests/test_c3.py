@@ -289,17 +289,15 @@ def test_result_fields_and_shapes() -> None:
 
 
 def test_selection_on_a_map_that_is_not_a_multiple_of_the_target() -> None:
-    """cv2 INTER_AREA shrinks by any factor; the tensor backend refuses what it cannot do
-    exactly, and both refuse to enlarge."""
+    """Both backends shrink by any factor (the full sweep is tests/test_c3_any_size.py); a
+    dimension smaller than resize_to keeps its native size instead of being enlarged."""
     x = random_batch(4, 2, 30, 30)
     assert c3_opencv(x).mask.shape == (2, 28, 28)
-    with pytest.raises(ValueError, match=r"resize_to=\(28, 28\) does not divide the map size \(30, 30\).*Hint"):
-        c3_tensor(torch.from_numpy(x))
-    small = np.ones((12, 12))
-    with pytest.raises(ValueError, match=r"resize_to=\(28, 28\) would enlarge the map of size \(12, 12\).*Hint: use resize_to=None"):
-        c3_opencv(small)
-    with pytest.raises(ValueError, match=r"would enlarge the map of size \(12, 12\)"):
-        c3_tensor(torch.from_numpy(small))
+    _, low_mask = c3_tensor(torch.from_numpy(x), output="masked_low_res")
+    assert np.array_equal(low_mask.numpy(), c3_opencv(x).mask)
+    small = random_batch(5, 2, 12, 40)
+    assert c3_opencv(small).mask.shape == (2, 12, 28)
+    assert c3_tensor(torch.from_numpy(small), output="masked_low_res")[1].shape == (2, 12, 28)
 
 
 @pytest.mark.parametrize("kwargs, message", [

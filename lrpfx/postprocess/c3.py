@@ -10,6 +10,7 @@ both share: :class:`C3Config` and the parsing of its option strings.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -49,8 +50,9 @@ class C3Config:
         positive_only: clip the pooled map at 0 before anything else (a map with no positive
             value then selects nothing). With False, a signed map is thresholded as it is.
         resize_to: ``(height, width)`` the selection runs at, reached by area interpolation
-            (cv2 ``INTER_AREA``; it only shrinks, an enlargement raises); ``None`` keeps the
-            native resolution.
+            (cv2 ``INTER_AREA``) at any ratio; ``None`` keeps the native resolution. Area
+            interpolation only shrinks: a dimension of the map smaller than ``resize_to``
+            keeps its native size (a 20 x 40 map runs at 20 x 28 under (28, 28)).
         threshold: how τ is chosen; B = R > τ (strict). ``"mean"``, ``"otsu"`` (cv2 Otsu on
             the map min-max scaled to 8 bits, B = level > t), ``"quantile:q"``, ``"fixed:v"``,
             ``"mass:f"`` (the smallest top set holding a fraction f of ΣR⁺, ties included).
@@ -195,3 +197,64 @@ def nearest_indices(src: int, dst: int) -> list[int]:
 def area_scale(area: int) -> float:
     """cv2 ``INTER_AREA`` multiplies a block sum by ``1.f/area``, a float32 quotient."""
     return float(np.float32(1.0) / np.float32(area))
+
+
+def selection_size(native: tuple[int, int], resize_to: tuple[int, int] | None) -> tuple[int, int]:
+    """The size the selection runs at: ``resize_to``, but never larger than the map.
+
+    A map smaller than ``resize_to`` in a dimension keeps its native size in that dimension
+    (area interpolation only shrinks): a 20 x 40 map with ``resize_to=(28, 28)`` runs at 20 x 28,
+    a 16 x 16 map at 16 x 16. Both backends use this rule.
+    """
+    if resize_to is None:
+        return native
+    return (min(native[0], resize_to[0]), min(native[1], resize_to[1]))
+
+
+def area_scale_factor(src: int, dst: int) -> float:
+    """cv2's ``scale_x = 1. / inv_scale_x`` with ``inv_scale_x = (double)dsize / ssize``."""
+    return 1.0 / (dst / src)
+
+
+def area_is_fast(src: int, dst: int) -> bool:
+    """Whether cv2 takes its integer-factor ``INTER_AREA`` path along this axis.
+
+    cv2 (``resize.cpp``): ``iscale = saturate_cast<int>(scale)``, fast when
+    ``|scale - iscale| < DBL_EPSILON`` on both axes (and both scales >= 1).
+    """
+    scale = area_scale_factor(src, dst)
+    return abs(scale - round(scale)) < 2.0 ** -52
+
+
+@functools.lru_cache(maxsize=256)
+def area_taps(src: int, dst: int) -> tuple[tuple[tuple[int, ...], ...], tuple[tuple[float, ...], ...]]:
+    """cv2's ``INTER_AREA`` table for a shrink ``src -> dst`` by any ratio (``computeResizeAreaTab``).
+
+    Output ``d`` covers the source interval ``[d * s, d * s + s)`` (``s = src / dst`` as cv2
+    computes it); each source pixel it overlaps gets the overlap fraction, a float32 number, and
+    overlaps of at most 1e-3 are left out, exactly as cv2 does. Returns ``(indices, weights)``:
+    per output, the source indices in increasing order (the order cv2 adds them) and their
+    weights, padded with index 0 and weight 0 to a common length.
+    """
+    scale = area_scale_factor(src, dst)
+    rows: list[list[tuple[int, float]]] = []
+    for d in range(dst):
+        fs1 = d * scale
+        fs2 = fs1 + scale
+        cell = min(scale, src - fs1)
+        s2 = min(math.floor(fs2), src - 1)
+        s1 = min(math.ceil(fs1), s2)
+        taps = []
+        if s1 - fs1 > 1e-3:
+            taps.append((s1 - 1, _f32((s1 - fs1) / cell)))
+        taps += [(s, _f32(1.0 / cell)) for s in range(s1, s2)]
+        if fs2 - s2 > 1e-3:
+            taps.append((s2, _f32(min(min(fs2 - s2, 1.0), cell) / cell)))
+        rows.append(taps)
+    width = max(len(t) for t in rows)
+    rows = [t + [(0, 0.0)] * (width - len(t)) for t in rows]
+    return (tuple(tuple(i for i, _ in t) for t in rows), tuple(tuple(w for _, w in t) for t in rows))
+
+
+def _f32(v: float) -> float:
+    return float(np.float32(v))

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from lrpfx.errors import InputError
-from lrpfx.postprocess.c3 import C3Config, Threshold, nearest_indices, quantile_position
+from lrpfx.postprocess.c3 import C3Config, Threshold, nearest_indices, quantile_position, selection_size
 
 
 @dataclass(frozen=True)
@@ -129,13 +129,12 @@ def _pool(r: np.ndarray, pool: str, positive_only: bool) -> np.ndarray:
 
 
 def _resize(m: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
-    if size is None or m.shape == size:
+    # a dimension smaller than resize_to keeps its native size: cv2's INTER_AREA only shrinks
+    # (it enlarges by a bilinear-like rule that even breaks constant maps)
+    h, w = selection_size(m.shape, size)
+    if (h, w) == m.shape:
         return m
-    if size[0] > m.shape[0] or size[1] > m.shape[1]:
-        # cv2 INTER_AREA enlarges by a bilinear-like rule that even breaks constant maps
-        raise ValueError(f"resize_to={size} would enlarge the map of size {m.shape}; area interpolation "
-                         "only shrinks. Hint: use resize_to=None for small maps.")
-    return cv2.resize(m, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+    return cv2.resize(m, (w, h), interpolation=cv2.INTER_AREA)
 
 
 # ----------------------------------------------------------------------------- one map

@@ -3,8 +3,10 @@
 Every step mirrors the OpenCV reference (:mod:`lrpfx.postprocess.opencv_backend`) operation
 for operation in float64, so the masks agree pixel for pixel (tests/test_c3.py checks it):
 
-* area resizing reproduces cv2's ``INTER_AREA`` fast path (block sums grouped as cv2 adds them,
-  times ``1.f/area``); it exists for integer shrink factors only, and anything else raises;
+* area resizing reproduces cv2's ``INTER_AREA`` at any shrink ratio: its integer-factor path
+  (block sums grouped as cv2 adds them, times ``1.f/area``) and its general path (float32
+  overlap weights, each axis summed in cv2's order); with symbolic (dynamic) sizes, the same
+  weights as two matrix products; a map smaller than ``resize_to`` keeps its native size;
 * Otsu replays cv2's sequential recurrence over the 256 histogram bins (256 unrolled steps);
 * filled external contours are the 8-connected components of the complement of the background
   that is 4-connected to the image's outside (what ``findContours(RETR_EXTERNAL)`` +
@@ -20,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from lrpfx.errors import InputError
-from lrpfx.postprocess.c3 import (FLT_EPSILON, C3Config, Threshold, area_scale, nearest_indices,
-                                  quantile_position)
+from lrpfx.postprocess.c3 import (FLT_EPSILON, C3Config, Threshold, area_is_fast, area_scale, area_taps,
+                                  quantile_position, selection_size)
 from lrpfx.postprocess.labeling import connected_components, eager, first_pixel, outside_background
 
 _F64 = torch.float64
@@ -45,13 +47,13 @@ def c3_tensor(relevance: torch.Tensor, *, pool: str = "sum", positive_only: bool
         ``(c3_map, mask)``. With ``output="masked_full_res"`` both are (N, H, W): the pooled
         map (clipped at 0 when ``positive_only``) times ``scale`` inside the nearest-upsampled
         mask, 0 elsewhere, in the input's dtype, and the bool mask. With
-        ``output="masked_low_res"`` both are at ``resize_to``. An empty selection (constant or
-        non-positive map, empty B) gives zeros and an all-False mask.
+        ``output="masked_low_res"`` both are at the selection size: ``resize_to``, except that
+        a dimension smaller than ``resize_to`` keeps its native size. An empty selection
+        (constant or non-positive map, empty B) gives zeros and an all-False mask.
 
     Raises:
-        ValueError: an invalid option, or ``resize_to`` that is not an integer shrink of
-            (H, W) (cv2's ``INTER_AREA`` for a fractional factor has no exact tensor form;
-            an enlargement is refused by both backends).
+        ValueError: an invalid option; in a graph with a dynamic height or width, a selection
+            at that dynamic size (``resize_to=None``, whose labelling needs a fixed size).
         lrpfx.errors.InputError: a badly shaped input, or NaN/inf under ``nan_policy="raise"``
             (eager mode only).
     """
@@ -63,6 +65,12 @@ def c3_tensor(relevance: torch.Tensor, *, pool: str = "sum", positive_only: bool
     r, valid = _apply_nan_policy(_as_batch(relevance), cfg.nan_policy)
     full = pool_channels(r, cfg.pool, cfg.positive_only)
     low = area_resize(full, cfg.resize_to)
+    if _symbolic(*low.shape[-2:]):
+        raise ValueError(
+            f"C3 with resize_to={cfg.resize_to} runs its selection at the input's dynamic size: the labelling "
+            "(lrpfx.postprocess.labeling.connected_components) runs a number of rounds fixed by the map size, "
+            "so it cannot take a dynamic height or width. Hint: export with a fixed size (dynamic_size=False, "
+            "`lrpfx export --fixed-size`), or set resize_to, e.g. (28, 28), and a minimum size at least that large.")
     mask = select(low, cfg) & valid.view(-1, 1, 1)
     dtype = relevance.dtype if relevance.is_floating_point() else _F64
     if cfg.output == "masked_low_res":
@@ -127,21 +135,98 @@ def pool_channels(r: torch.Tensor, pool: str, positive_only: bool) -> torch.Tens
 
 
 def area_resize(x: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
-    """cv2 ``INTER_AREA`` for integer shrink factors, bit for bit (float64)."""
+    """cv2 ``INTER_AREA`` to the selection size (``size``, never larger than the map), any ratio.
+
+    Bit for bit in float64 with static sizes: cv2's integer-factor path (block sums) where cv2
+    takes it, else its general path (a weighted sum per axis, horizontal first, in cv2's order
+    and with its float32 weights). With symbolic sizes (an export with a dynamic height and
+    width) the same weights are built from the sizes in graph ops and applied as two matrix
+    products, ``Wy @ X @ Wx^T``: equal to cv2 up to the rounding of the sums.
+    """
     if size is None:
         return x
+    h_in, w_in = x.shape[-2:]
+    h, w = selection_size((h_in, w_in), size)
+    if _symbolic(h_in, w_in, h, w):
+        return area_resize_matrix(x, (h, w))
+    if (h, w) == (h_in, w_in):
+        return x
+    if area_is_fast(h_in, h) and area_is_fast(w_in, w):
+        return _area_blocks(x, h, w)
+    # cv2 sums along each source row first, then combines the rows; the taps gather whole rows
+    # (dim 1), which is much faster than gathering columns, hence the transposes
+    cols = _weighted_taps(x.transpose(1, 2).contiguous(), *area_taps(w_in, w))  # (N, w, H_in)
+    return _weighted_taps(cols.transpose(1, 2).contiguous(), *area_taps(h_in, h))
+
+
+def _symbolic(*sizes: object) -> bool:
+    return any(isinstance(s, torch.SymInt) for s in sizes)
+
+
+def _area_blocks(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """cv2's integer-factor path: block sums grouped as cv2 adds them, times ``1.f/area``."""
     n_img, h_in, w_in = x.shape
-    h, w = size
-    if h > h_in or w > w_in:
-        raise ValueError(f"resize_to={size} would enlarge the map of size {(h_in, w_in)}; area interpolation "
-                         "only shrinks. Hint: use resize_to=None for small maps.")
-    if h_in % h or w_in % w:
-        raise ValueError(f"resize_to={size} does not divide the map size {(h_in, w_in)}: cv2 INTER_AREA "
-                         "for a non-integer factor has no exact tensor form. "
-                         "Hint: use resize_to=None, a size that divides the input, or c3_opencv.")
     fy, fx = h_in // h, w_in // w
     blocks = x.reshape(n_img, h, fy, w, fx).permute(0, 1, 3, 2, 4).reshape(n_img, h, w, fy * fx)
     return _cv2_block_sum(blocks) * area_scale(fy * fx)
+
+
+def _weighted_taps(x: torch.Tensor, index: tuple[tuple[int, ...], ...],
+                   weight: tuple[tuple[float, ...], ...]) -> torch.Tensor:
+    """Σ_k x[:, idx[d, k]] · w[d, k] along dim 1, added in k order (cv2's); padding taps add 0."""
+    idx = torch.tensor(index, device=x.device)
+    wt = torch.tensor(weight, dtype=_F64, device=x.device).unsqueeze(-1)
+    out = x.index_select(1, idx[:, 0]) * wt[:, 0]
+    for k in range(1, idx.shape[1]):
+        out = out + x.index_select(1, idx[:, k]) * wt[:, k]
+    return out
+
+
+def area_weights(src: int | torch.SymInt, dst: int | torch.SymInt,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """cv2's ``INTER_AREA`` weights ``src -> dst`` as (dst, src) float64 matrices, in graph ops.
+
+    Returns ``(weights, block, scale)``: the general path's table (the same as
+    :func:`lrpfx.postprocess.c3.area_taps`: overlap fractions rounded to float32, overlaps of at
+    most 1e-3 left out), the 0/1 block matrix of the integer-factor path, and cv2's scale
+    (a float64 scalar). Built from the sizes with tensor operations only, so that it exports
+    with symbolic sizes and runs on any device.
+    """
+    cols = torch.arange(src, dtype=_F64, device=device)
+    rows = torch.arange(dst, dtype=_F64, device=device).unsqueeze(1)
+    n_src, n_dst = cols[-1] + 1, rows[-1, 0] + 1  # the sizes as float64 scalars (exact)
+    scale = 1.0 / (n_dst / n_src)  # cv2: scale = 1. / ((double)dsize / ssize)
+    fs1 = rows * scale
+    fs2 = fs1 + scale
+    cell = torch.minimum(scale, n_src - fs1)
+    s2 = torch.minimum(fs2.floor(), n_src - 1)
+    s1 = torch.minimum(fs1.ceil(), s2)
+    lead = (cols == s1 - 1) & (s1 - fs1 > 1e-3)
+    mid = (cols >= s1) & (cols < s2)
+    tail = (cols == s2) & (fs2 - s2 > 1e-3)
+    weights = (torch.where(lead, (s1 - fs1) / cell, 0.0) + torch.where(mid, 1.0 / cell, 0.0)
+               + torch.where(tail, torch.minimum(torch.minimum(fs2 - s2, torch.ones_like(fs2)), cell) / cell, 0.0))
+    # cv2 keeps the weights as float; with an integer scale, ``mid | tail`` are the blocks
+    return weights.to(torch.float32).to(_F64), (mid | tail).to(_F64), scale
+
+
+def area_resize_matrix(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """cv2 ``INTER_AREA`` at any ratio as matrix products, equal to cv2 up to rounding.
+
+    ``Wy @ X @ Wxᵀ`` with the weights of :func:`area_weights`; where cv2 takes its
+    integer-factor path (both scales integers, decided in the graph), block sums times cv2's
+    float32 ``1.f/area`` instead. Exportable with symbolic sizes (a dynamic height and width);
+    ``size`` must not exceed the map's (see :func:`lrpfx.postprocess.c3.selection_size`).
+    """
+    h_in, w_in = x.shape[-2:]
+    wy, by, sy = area_weights(h_in, size[0], x.device)
+    wx, bx, sx = area_weights(w_in, size[1], x.device)
+    general = torch.matmul(torch.matmul(wy, x), wx.transpose(0, 1))
+    iy, ix = sy.round(), sx.round()
+    fast = ((sy - iy).abs() < 2.0 ** -52) & ((sx - ix).abs() < 2.0 ** -52)
+    inv_area = (1.0 / (iy * ix).to(torch.float32)).to(_F64)  # cv2: float scale = 1.f/area
+    blocks = torch.matmul(torch.matmul(by, x), bx.transpose(0, 1)) * inv_area
+    return torch.where(fast, blocks, general)
 
 
 def _cv2_block_sum(blocks: torch.Tensor) -> torch.Tensor:
@@ -163,10 +248,11 @@ def _cv2_block_sum(blocks: torch.Tensor) -> torch.Tensor:
 def upsample_nearest(mask: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Tensor:
     """Nearest-neighbour enlargement with source index ``(i * src) // dst`` (as the reference)."""
     h, w = mask.shape[-2:]
-    if (h, w) == tuple(size):
+    if not _symbolic(*size) and (h, w) == tuple(size):
         return mask
-    rows = torch.tensor(nearest_indices(h, size[0]), device=mask.device)
-    cols = torch.tensor(nearest_indices(w, size[1]), device=mask.device)
+    # index arithmetic in tensors, so that a symbolic (dynamic) output size exports
+    rows = torch.div(torch.arange(size[0], device=mask.device) * h, size[0], rounding_mode="floor")
+    cols = torch.div(torch.arange(size[1], device=mask.device) * w, size[1], rounding_mode="floor")
     return mask.index_select(1, rows).index_select(2, cols)
 
 
