@@ -13,8 +13,8 @@ import torch
 import torchvision
 from PIL import Image
 
-from lrpfx import cli
-from lrpfx.loading import LoadError, load_weights
+from lrpfx.cli import commands as cli
+from lrpfx.cli.loading import LoadError, load_weights
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +48,14 @@ def test_explain_writes_every_output_and_resumes(images: Path, weights: Path, tm
     assert _explain(images, weights, out) == 0
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(records) == 5 and {"predicted", "target", "logit", "relevance_sum"} <= set(records[0])
-    for stem in ("img0", "img1", "img2", "sub/img3", "sub/img4"):
-        assert np.load(out / f"{stem}.relevance.npy").shape == (3, 32, 32)
-        assert (out / f"{stem}.overlay.png").stat().st_size > 0
-    assert not list(out.rglob(".*.tmp*"))  # atomic writes leave no temporaries
-    stamp = (out / "img0.json").stat().st_mtime_ns
-    (out / "img1.json").unlink()  # as if a run was killed before img1 finished
+    for key in ("img0.png", "img1.png", "img2.png", "sub/img3.png", "sub/img4.png"):  # keyed by relative path
+        assert np.load(out / f"{key}.relevance.npy").shape == (3, 32, 32)
+        assert (out / f"{key}.overlay.png").stat().st_size > 0
+    assert not list(out.rglob(".*tmp*"))  # atomic writes leave no temporaries
+    stamp = (out / "img0.png.json").stat().st_mtime_ns
+    (out / "img1.png.json").unlink()  # as if a run was killed before img1 finished
     assert _explain(images, weights, out) == 0
-    assert (out / "img0.json").stat().st_mtime_ns == stamp and (out / "img1.json").exists()
+    assert (out / "img0.png.json").stat().st_mtime_ns == stamp and (out / "img1.png.json").exists()
 
 
 def test_explain_target_and_rules(images: Path, weights: Path, tmp_path: Path) -> None:

@@ -1,0 +1,160 @@
+"""The ``lrpfx`` command: demo, explain, inspect, export, bench, eval.
+
+User and environment errors end with a one-line message and exit code 2 (a traceback only
+with ``--debug``). ``lrpfx explain`` is a batch job (:mod:`lrpfx.cli.batch`): a DataLoader with
+worker processes, batched explanation, outputs keyed by relative path, resumable against a run
+manifest, one bad image recorded without stopping the run (exit code 1), durable writes, and
+sharded across processes when run under ``torchrun``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+import lrpfx
+from lrpfx.errors import LrpfxError
+
+
+class UserError(LrpfxError):
+    """A mistake on the command line: reported in one line, exit code 2."""
+
+
+# ------------------------------------------------------------------ commands
+def cmd_explain(args: argparse.Namespace) -> int:
+    from lrpfx.cli import batch
+    return batch.run(args)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from lrpfx.cli.loading import load_model
+    loaded = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)
+    plan = lrpfx.inspect(loaded.model, args.rules)
+    print(plan)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from lrpfx.cli.loading import load_model
+    loaded = load_model(args.model, args.weights, pretrained=args.pretrained, trust_pickle=args.trust_pickle)
+    explainer = lrpfx.compile(loaded.model, args.rules, **({"c3": True} if args.c3 else {}))
+    size = args.size or loaded.size
+    example = torch.randn(2, 3, size, size)
+    if args.format == "onnx":
+        lrpfx.export_onnx(explainer, args.out, example)
+    else:
+        torch.export.save(lrpfx.export_program(explainer, example), args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
+    from lrpfx.eval import bench
+    return bench.main(rest)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lrpfx.cli import demo
+    path = demo.run(Path(args.out), n_images=args.images, seed=args.seed)
+    print(f"wrote the comparison figure: {path}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
+    try:
+        from lrpfx.eval import evaluate
+    except ImportError:
+        raise UserError("the evaluation harness is not part of this version yet") from None
+    return evaluate.main(rest)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lrpfx", description="Compile CNNs into relevance networks and explain images.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="offline demo on the bundled model: writes the comparison figure")
+    d.add_argument("--out", default="lrpfx-demo", help="output directory (default: %(default)s)")
+    d.add_argument("--images", type=int, default=4, help="number of generated images (default: %(default)s)")
+    d.add_argument("--seed", type=int, default=0)
+
+    def model_args(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--model", required=True, help="torchvision:NAME | timm:NAME | bundled | file.py:Factory")
+        q.add_argument("--weights", help="state_dict file (.pt/.pth, loaded with weights_only=True) or .safetensors")
+        q.add_argument("--trust-pickle", action="store_true", help="allow full pickles (can run code!)")
+        q.add_argument("--rules", default="epsilon_plus_flat", help="rule-set name or .toml file (default: %(default)s)")
+
+    e = sub.add_parser("explain", help="explain images or folders of images (a batch job)")
+    e.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    model_args(e)
+    e.add_argument("--pretrained", action="store_true", help="the library's own pretrained weights (needs internet)")
+    e.add_argument("--target", default="auto", help="class index, or 'auto' for the predicted class")
+    e.add_argument("--c3", action="store_true", help="append the C3 stage (writes the C3 mask)")
+    e.add_argument("--out", default="lrpfx-out")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (default: %(default)s)")
+    e.add_argument("--size", type=int, help="input size (default: the model's)")
+    e.add_argument("--mean", type=float, nargs=3, help="normalization mean (default: the model's)")
+    e.add_argument("--std", type=float, nargs=3, help="normalization std (default: the model's)")
+    e.add_argument("--quiet", action="store_true", help="no progress bar and no summary (failures are still reported)")
+    e.add_argument("--overwrite", action="store_true",
+                   help="redo every image, also when --out holds results made with other settings")
+    e.add_argument("--max-pixels", type=int, default=100_000_000,
+                   help="images with more pixels are recorded as failed (default: %(default)s)")
+    e.add_argument("--allow-failures", action="store_true",
+                   help="exit 0 even when some images could not be read (they are still recorded)")
+
+    i = sub.add_parser("inspect", help="print the plan: which rule each node gets")
+    i.add_argument("model", metavar="SPEC")
+    i.add_argument("--weights")
+    i.add_argument("--trust-pickle", action="store_true")
+    i.add_argument("--rules", default="epsilon_plus_flat")
+
+    x = sub.add_parser("export", help="export the explainer (ONNX or torch.export)")
+    x.add_argument("model", metavar="SPEC")
+    x.add_argument("--weights")
+    x.add_argument("--pretrained", action="store_true")
+    x.add_argument("--trust-pickle", action="store_true")
+    x.add_argument("--rules", default="epsilon_plus_flat")
+    x.add_argument("--format", choices=["onnx", "torch-export"], default="onnx")
+    x.add_argument("--out", required=True)
+    x.add_argument("--c3", action="store_true")
+    x.add_argument("--size", type=int)
+
+    sub.add_parser("bench", help="speed and memory against zennit and captum (see lrpfx bench --help)", add_help=False)
+    sub.add_parser("eval", help="the ground-truth evaluation (see lrpfx eval --help)", add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = parser()
+    debug = "--debug" in argv
+    try:
+        if argv and argv[0] in ("bench", "eval"):  # their own parsers take the rest
+            run = cmd_bench if argv[0] == "bench" else cmd_eval
+            return run(argparse.Namespace(), argv[1:])
+        args = p.parse_args(argv)
+        commands = {"explain": cmd_explain, "inspect": cmd_inspect, "export": cmd_export, "demo": cmd_demo}
+        return commands[args.command](args)
+    except (LrpfxError, OSError, ValueError) as e:
+        if debug:
+            raise
+        if isinstance(e, OSError) and e.strerror:  # e.g. PermissionError, no space left
+            message = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+        else:
+            message = (str(e).strip() or type(e).__name__).splitlines()[0]
+        print(f"lrpfx: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("lrpfx: interrupted (rerun the same command to resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
