@@ -552,3 +552,14 @@ def test_debug_shows_the_traceback(model, tmp_path: Path) -> None:
     (tmp_path / "out").write_text("a file")
     with pytest.raises(batch.UserError, match="is a file"):
         cli.main(["--debug", "explain", str(tmp_path / "in"), "--model", model[0], "--out", str(tmp_path / "out")])
+
+
+def test_a_model_that_cannot_take_the_size_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "net.py").write_text("import torch.nn as nn\n"
+                                     "def make():\n"
+                                     "    return nn.Sequential(nn.Conv2d(3, 4, 5), nn.ReLU(), nn.AdaptiveAvgPool2d(1),"
+                                     " nn.Flatten(), nn.Linear(4, 2))\n")
+    _image(tmp_path / "in" / "a.png")
+    assert cli.main(["explain", str(tmp_path / "in"), "--model", f"{tmp_path / 'net.py'}:make", "--rules", "lrp0",
+                     "--size", "2", "--workers", "0", "--quiet", "--out", str(tmp_path / "out")]) == 2
+    assert "the model failed on a batch of shape (1, 3, 2, 2)" in _one_error_line(capsys)

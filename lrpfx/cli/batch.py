@@ -540,8 +540,15 @@ def _explain(args: argparse.Namespace, model: torch.nn.Module, ruleset: Any, sha
             _save_failure(out, item, reason, fp, args.c3)
             failed += 1
         if x is not None:
-            with torch.inference_mode():
-                outs = explainer(x.to(device), target)
+            try:
+                with torch.inference_mode():
+                    outs = explainer(x.to(device), target)
+            except (RuntimeError, ValueError) as e:  # a size the model cannot take, out of memory, ...
+                if isinstance(e, LrpfxError):
+                    raise
+                reason = (str(e).strip() or type(e).__name__).splitlines()[0][:300]
+                raise UserError(f"the model failed on a batch of shape {tuple(x.shape)}: {reason}. Hint: check "
+                                "--size; lower --batch-size if memory ran out.") from e
             rel, logits = outs[0].cpu(), outs[1].cpu()
             c3_mask = outs[3].cpu() if args.c3 else None
             pred = logits.argmax(1)

@@ -86,14 +86,18 @@ def parser() -> argparse.ArgumentParser:
         q.add_argument("--trust-pickle", action="store_true", help="allow full pickles (can run code!)")
         q.add_argument("--rules", default="epsilon_plus_flat", help="rule-set name or .toml file (default: %(default)s)")
 
-    e = sub.add_parser("explain", help="explain images or folders of images (a batch job)")
+    e = sub.add_parser("explain", help="explain images or folders of images (a batch job)",
+                       epilog="exit codes: 0 done; 1 some images could not be read (see the records with "
+                              "\"status\": \"error\" in OUT/results.jsonl); 2 an error in the command line, a "
+                              "file or the environment. See docs/cli.md.")
     e.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     model_args(e)
     e.add_argument("--pretrained", action="store_true", help="the library's own pretrained weights (needs internet)")
     e.add_argument("--target", default="auto", help="class index, or 'auto' for the predicted class")
     e.add_argument("--c3", action="store_true", help="append the C3 stage (writes the C3 mask)")
-    e.add_argument("--out", default="lrpfx-out")
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--out", default="lrpfx-out",
+                   help="output folder; outputs are keyed by path relative to the input folder (default: %(default)s)")
+    e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (default: %(default)s)")
     e.add_argument("--size", type=int, help="input size (default: the model's)")

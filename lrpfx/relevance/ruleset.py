@@ -202,7 +202,8 @@ def _check_value(key: str, value: Any, kinds: list[str]) -> str | None:
             why = why and f"a {why}"
         elif kind == "int":
             ok = isinstance(value, int) and not isinstance(value, bool) and number(value) is None
-            why = None if ok else "an integer" + (" > 0" if key in _POSITIVE else " >= 0" if key in _NON_NEGATIVE else "")
+            sign = " > 0" if key in _POSITIVE else " >= 0" if key in _NON_NEGATIVE else ""
+            why = None if ok else f"an integer{sign}"
         elif kind == "bool":
             why = None if isinstance(value, bool) else "true or false"
         elif kind == "str":
