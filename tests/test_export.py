@@ -24,12 +24,13 @@ def models() -> dict[str, torch.nn.Module]:
                                              for r in ("epsilon_plus_flat", "c3_lrp")] + [("resnet18", "lrp0")])
 def test_onnx_runs_in_onnxruntime_with_a_dynamic_batch(models, tmp_path: Path, arch: str, rules: str) -> None:
     explainer = lrpfx.compile(models[arch], rules)
-    path = lrpfx.export_onnx(explainer, tmp_path / "explainer.onnx", torch.randn(2, 3, 64, 64))
+    path = lrpfx.export_onnx(explainer, tmp_path / "explainer.onnx", torch.randn(2, 3, 64, 64), dynamic_size=False)
     session = ort.InferenceSession(str(path))
-    assert [i.name for i in session.get_inputs()] == ["x"]
+    assert [i.name for i in session.get_inputs()] == ["x", "target"]
     x = torch.randn(3, 3, 64, 64)  # another batch size than the example
-    outputs = session.run(None, {"x": x.numpy()})
-    relevance, logits = explainer(x)
+    target = torch.tensor([-1, 7, -1])  # -1: the predicted class
+    outputs = session.run(None, {"x": x.numpy(), "target": target.numpy()})
+    relevance, logits = explainer(x, target)
     assert rel_err(torch.from_numpy(outputs[0]), relevance) <= 1e-4
     assert np.allclose(outputs[1], logits.numpy(), rtol=1e-4, atol=1e-4)
 
@@ -37,8 +38,10 @@ def test_onnx_runs_in_onnxruntime_with_a_dynamic_batch(models, tmp_path: Path, a
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_onnx_with_the_c3_stage_gives_identical_masks(models, tmp_path: Path, arch: str) -> None:
     explainer = lrpfx.compile(models[arch], "c3_lrp", c3=True)
-    path = lrpfx.export_onnx(explainer, tmp_path / "c3.onnx", torch.randn(2, 3, 56, 56))
+    path = lrpfx.export_onnx(explainer, tmp_path / "c3.onnx", torch.randn(2, 3, 56, 56), dynamic_size=False,
+                             target_input=False)  # the one-input form: the predicted class
     session = ort.InferenceSession(str(path))
+    assert [i.name for i in session.get_inputs()] == ["x"]
     x = torch.randn(4, 3, 56, 56)
     relevance, _, c3_map, c3_mask = session.run(None, {"x": x.numpy()})
     ours = explainer(x)
@@ -52,9 +55,10 @@ def test_onnx_with_the_c3_stage_gives_identical_masks(models, tmp_path: Path, ar
 
 def test_torch_export_reproduces_outputs(models) -> None:
     explainer = lrpfx.compile(models["resnet50"], "c3_lrp", c3=True)
-    program = lrpfx.export_program(explainer, torch.randn(2, 3, 56, 56))
+    program = lrpfx.export_program(explainer, torch.randn(2, 3, 56, 56), dynamic_size=False)
     x = torch.randn(5, 3, 56, 56)
-    ours, exported = explainer(x), program.module()(x)
+    target = torch.tensor([-1, 0, 9, -1, 4])
+    ours, exported = explainer(x, target), program.module()(x, target)
     assert len(ours) == len(exported) == 4
     assert all(torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6) for a, b in zip(ours, exported))
 
