@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmark of issue #5 as one prepared run (resnet50, 224 x 224, batch 64): correctness
-# checks, then `python -m lrpfx.bench` in float32 and bfloat16, eager, then torch.compile.
+# checks, then `python -m lrpfx.eval.bench` in float32 and bfloat16, eager, then torch.compile.
 # Each stage has its own timeout and writes its JSON at once, so a cut-off run keeps what it did.
 #
 #   bash benchmarks/gpu.sh [stages]     # stages: any of check fp32 bf16 cl32 clbf16 cfp32 cbf16 profile
@@ -24,7 +24,7 @@ rm -rf "$site/lrpfx" && cp -r lrpfx "$site/" && mkdir -p "$site/lrpfx/rulesets" 
 export PYTHONPATH=$site PYTHONUNBUFFERED=1
 cd /tmp || exit 1
 python3 -c "import torch, lrpfx, zennit; print('torch', torch.__version__, 'lrpfx from', lrpfx.__file__)" || exit 1
-bench="python3 -m lrpfx.bench --device cuda --batch 64 --threads 8"
+bench="python3 -m lrpfx.eval.bench --device cuda --batch 64 --threads 8"
 compiled=(--compile --rounds 10 --warmup 2 --only forward floor "floor (torch.compile)" lrpfx:c3_lrp+C3
           "lrpfx:c3_lrp+C3 (torch.compile)" lrpfx:epsilon_plus_flat "lrpfx:epsilon_plus_flat (torch.compile)")
 nhwc=(--rounds 20 --warmup 3 --only forward floor lrpfx:lrp0 lrpfx:epsilon_plus_flat lrpfx:c3_lrp lrpfx:c3_lrp+C3

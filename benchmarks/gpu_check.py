@@ -17,7 +17,7 @@ import json
 import torch
 
 import lrpfx
-from lrpfx.bench import build_model
+from lrpfx.eval.bench import build_model
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -12,7 +12,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import lrpfx
-from lrpfx.bench import _floor, build_model
+from lrpfx.eval.bench import _floor, build_model
 from lrpfx.postprocess.tensor_backend import c3_tensor
 
 

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import torch
 
-from lrpfx.datasets import CLASSES, make_sample
+from lrpfx.eval.datasets import CLASSES, make_sample
 
 
 def rate(n: int, size: int, seed: int = 0) -> float:

@@ -1,11 +1,20 @@
-"""lrpfx: compile PyTorch CNNs into relevance networks (Layer-wise Relevance Propagation).
+"""lrpfx: compile PyTorch networks into relevance networks (Layer-wise Relevance Propagation).
 
     explainer = lrpfx.compile(model, rules="epsilon_plus_flat")
     relevance, logits = explainer(x, target)
+
+The compiler lives in :mod:`lrpfx.compiler` (trace -> canonicalize -> match -> emit), the rules
+and their tensor math in :mod:`lrpfx.relevance`, the C3 stage in :mod:`lrpfx.postprocess`;
+application code (CLI, evaluation, benchmark) in :mod:`lrpfx.cli` and :mod:`lrpfx.eval`, which
+``import lrpfx`` does not load.
 """
 from __future__ import annotations
 
 from lrpfx.api import builtin_rulesets, compile, inspect
+from lrpfx.compiler.diagnostics import block_leaks
+from lrpfx.compiler.match import Plan
+from lrpfx.compiler.optable import OP_CLASSES, register_op, unregister_op
+from lrpfx.compiler.patterns import Pattern, register_pattern, registered_patterns
 from lrpfx.errors import (
     InputError,
     LrpfxError,
@@ -15,19 +24,26 @@ from lrpfx.errors import (
     TrainModeError,
     UnmatchedNodeError,
 )
-from lrpfx.diagnostics import block_leaks
 from lrpfx.export import export_onnx, export_program
-from lrpfx.match import Plan
-from lrpfx.patterns import Pattern, register_pattern, registered_patterns
-from lrpfx.rules import (
+from lrpfx.relevance.rules import (
     AlphaBeta,
     AvgMatched,
+    AvgSubstitute,
+    DenseEpsilon,
+    DenseZPlus,
+    EccvSplit,
     Epsilon,
     Flat,
+    FlatPositive,
     Gamma,
+    Identity,
     Norm,
     Pass,
+    Renormalize,
+    Route,
     Rule,
+    SignalTakesAll,
+    Slice,
     WinnerTakesAll,
     WSquare,
     Zero,
@@ -36,14 +52,16 @@ from lrpfx.rules import (
     register_rule,
     registered_rules,
 )
-from lrpfx.ruleset import Binding, RuleSet
+from lrpfx.relevance.ruleset import Binding, RuleSet
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AlphaBeta", "AvgMatched", "Binding", "Epsilon", "Flat", "Gamma", "InputError", "LrpfxError", "Norm",
-    "Pass", "Pattern", "Plan", "RegistryError", "Rule", "RuleSet", "RuleSetError", "TraceError",
-    "TrainModeError", "UnmatchedNodeError", "WSquare", "WinnerTakesAll", "ZBox", "ZPlus", "Zero",
-    "block_leaks", "builtin_rulesets", "compile", "export_onnx", "export_program", "inspect", "register_pattern", "register_rule", "registered_patterns",
-    "registered_rules",
+    "AlphaBeta", "AvgMatched", "AvgSubstitute", "Binding", "DenseEpsilon", "DenseZPlus", "EccvSplit", "Epsilon",
+    "Flat", "FlatPositive", "Gamma", "Identity", "InputError", "LrpfxError", "Norm", "OP_CLASSES", "Pass",
+    "Pattern", "Plan", "RegistryError", "Renormalize", "Route", "Rule", "RuleSet", "RuleSetError",
+    "SignalTakesAll", "Slice", "TraceError", "TrainModeError", "UnmatchedNodeError", "WSquare", "WinnerTakesAll",
+    "ZBox", "ZPlus", "Zero", "block_leaks", "builtin_rulesets", "compile", "export_onnx", "export_program",
+    "inspect", "register_op", "register_pattern", "register_rule", "registered_patterns", "registered_rules",
+    "unregister_op",
 ]

@@ -12,29 +12,59 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from lrpfx.canonicalize import canonicalize
-from lrpfx.emit import emit
+from lrpfx.compiler.canonicalize import canonicalize
+from lrpfx.compiler.emit import emit
+from lrpfx.compiler.match import Plan, plan
+from lrpfx.compiler.optable import user_module_types
+from lrpfx.compiler.patterns import Pattern, describe, get_pattern, register_pattern
+from lrpfx.compiler.trace import LeafSpec, OutputSpec, trace
 from lrpfx.errors import RuleSetError, UnmatchedNodeError
-from lrpfx.match import Plan, plan
-from lrpfx.patterns import describe
-from lrpfx.rules import Rule
-from lrpfx.ruleset import Binding, RuleSet
-from lrpfx.trace import LeafSpec, OutputSpec, trace
+from lrpfx.postprocess.c3 import C3Config
+from lrpfx.postprocess.tensor_backend import c3_tensor
+from lrpfx.relevance.rules import Rule
+from lrpfx.relevance.ruleset import Binding, RuleSet, builtin_names
 
 RulesArg = RuleSet | str | Path
 
 
-def _ruleset(rules: RulesArg, bindings: Mapping[str, Rule] | None, top: str | None) -> RuleSet:
+BindingsArg = Mapping[str | type, Rule]
+
+
+def _ruleset(rules: RulesArg, bindings: BindingsArg | None, top: str | None) -> RuleSet:
     rs = RuleSet.ensure(rules)
     if bindings:
-        rs = rs.with_bindings([Binding(p, r) for p, r in bindings.items()])
+        rs = rs.with_bindings([Binding(_pattern_name(p), r) for p, r in bindings.items()])
     if top is not None:
         rs = dataclasses.replace(rs, top=top)
     return rs
 
 
+def _pattern_name(key: str | type) -> str:
+    """A binding's pattern: a pattern name, or a module type (bound by type, subclasses included).
+
+    A module type gets a pattern of its own, ``module:<qualified name>``; a call of a module of that
+    type keeps its op-table kind (``conv``, ``norm``, ...) or, for a type the table does not know
+    (which fx then keeps as one call, a leaf), has kind ``module``: its rule lists ``"module"`` in
+    its ``kinds`` and finds the module in ``op.attrs["module"]``.
+    """
+    if isinstance(key, str):
+        return key
+    if not (isinstance(key, type) and issubclass(key, torch.nn.Module)):
+        raise RuleSetError(f"bindings: key {key!r} is neither a pattern name nor an nn.Module type. "
+                           "Hint: see lrpfx.registered_patterns(), or bind by type, e.g. {MyLayer: rule}.")
+    name = f"module:{key.__module__}.{key.__qualname__}"
+    if get_pattern(name) is None:
+        register_pattern(Pattern(name, module_types=(key,), doc=f"calls of {key.__qualname__} modules"))
+    return name
+
+
+def _type_leaves(bindings: BindingsArg | None) -> tuple[type, ...]:
+    """Module types bound by type that the op table does not know: fx keeps them as leaves."""
+    return tuple(k for k in (bindings or {}) if isinstance(k, type)) + user_module_types()
+
+
 def inspect(model: torch.nn.Module, rules: RulesArg = "epsilon_plus_flat", *,
-            bindings: Mapping[str, Rule] | None = None, leaf_modules: Iterable[LeafSpec] = (),
+            bindings: BindingsArg | None = None, leaf_modules: Iterable[LeafSpec] = (),
             output: OutputSpec = None) -> Plan:
     """The plan for ``model`` under ``rules``, without building the explainer.
 
@@ -42,13 +72,13 @@ def inspect(model: torch.nn.Module, rules: RulesArg = "epsilon_plus_flat", *,
     the pattern that matched and the rule it got; nodes nothing matched are listed too.
     """
     rs = _ruleset(rules, bindings, None)
-    gm = canonicalize(trace(model, leaf_modules, output),
+    gm = canonicalize(trace(model, (*leaf_modules, *_type_leaves(bindings)), output),
                       fold_batchnorm_=rs.options.get("batchnorm", "fold") == "fold")
     return plan(gm, rs)
 
 
 def compile(model: torch.nn.Module, rules: RulesArg = "epsilon_plus_flat", *,
-            top: str | None = None, bindings: Mapping[str, Rule] | None = None,
+            top: str | None = None, bindings: BindingsArg | None = None,
             leaf_modules: Iterable[LeafSpec] = (), output: OutputSpec = None,
             c3: bool | Mapping[str, Any] = False) -> fx.GraphModule:
     """Compile ``model`` into a relevance network.
@@ -58,7 +88,8 @@ def compile(model: torch.nn.Module, rules: RulesArg = "epsilon_plus_flat", *,
             It is deep-copied and never modified.
         rules: a built-in rule-set name (see ``lrpfx.builtin_rulesets()``), a TOML path or a RuleSet.
         top: ``"logit"`` (default of most rule sets) or ``"softmax"``: what the output relevance is.
-        bindings: extra ``{pattern: rule}`` bindings that win over the rule set's own.
+        bindings: extra ``{pattern: rule}`` bindings that win over the rule set's own; a key may be a
+            module type (``{MyLayer: rule}``), which binds every call of a module of that type.
         leaf_modules: module types or qualified names that fx should not trace into.
         output: for a model that returns a tuple/list or a dict, the index or key of the
             class-score tensor (e.g. ``output=0`` or ``output="logits"``).
@@ -86,7 +117,6 @@ def _c3_stage(rs: RuleSet, c3: bool | Mapping[str, Any]) -> list[tuple[Any, dict
     """The post-processing stages: the tensor-native C3 with validated options, or none."""
     if c3 is False or c3 is None:
         return []
-    from lrpfx.postprocess import C3Config, c3_tensor
     options = {**rs.c3, **(dict(c3) if isinstance(c3, Mapping) else {})}
     try:
         C3Config(**options)  # validate now, with a clear message, not at the first call
@@ -97,20 +127,47 @@ def _c3_stage(rs: RuleSet, c3: bool | Mapping[str, Any]) -> list[tuple[Any, dict
 
 
 def unmatched_error(p: Plan) -> UnmatchedNodeError:
-    """One error listing every node nothing matched, with its op and a hint."""
-    lines = [f"  {n.format_node()}   [{describe(n, p.gm)}]" for n in p.unmatched]
+    """One error listing every node nothing matched, with its op and a hint that names a fitting declaration."""
+    lines = [f"  {n.format_node()}   [{describe(n, p.gm)}{_why(n, p)}]" for n in p.unmatched]
     ops = sorted({describe(n, p.gm) for n in p.unmatched})
+    hints = []
+    if any(p.kinds.get(n) == "product" for n in p.unmatched):
+        hints.append("products of two input-dependent values (x * y, q @ k without a softmax between) have no "
+                     "rule in the built-in rule sets: only products with a constant or held factor (a gate, "
+                     "softmax probabilities) do")
+    unknown = [n for n in p.unmatched if p.kinds.get(n) is None]
+    if unknown:
+        n = unknown[0]
+        hints.append(f"if {describe(n, p.gm)!r} is an elementwise activation, declare it in one line: "
+                     f"{_declaration(n, p)}; if it only moves, copies or drops elements, use kind=\"routing\"")
+    hints.append("or mark the module that contains them as a leaf (leaf_modules=[...]) and bind a rule to it "
+                 "(bindings={MyLayer: rule})")
     return UnmatchedNodeError(
         f"{len(p.unmatched)} node(s) have no rule in rule set {p.ruleset.name!r} (unsupported op(s): "
-        f"{', '.join(ops)}):\n" + "\n".join(lines)
-        + "\nHint: register a rule and a pattern for these ops (lrpfx.register_rule / register_pattern), "
-          "or mark the module that contains them as a leaf (leaf_modules=[...]) and bind a rule to it.",
+        f"{', '.join(ops)}):\n" + "\n".join(lines) + "\nHint: " + "; ".join(hints) + ".",
         [n.name for n in p.unmatched])
+
+
+def _why(n: fx.Node, p: Plan) -> str:
+    kind = p.kinds.get(n)
+    if kind == "product":
+        return ": a product of two input-dependent values"
+    return f": kind {kind!r}, no binding in the rule set" if kind is not None else ": not in the op table"
+
+
+def _declaration(n: fx.Node, p: Plan) -> str:
+    if n.op == "call_module":
+        return f"lrpfx.register_op({type(p.gm.get_submodule(n.target)).__name__}, kind=\"elementwise\")"
+    if n.op == "call_method":
+        return f"lrpfx.register_op({n.target!r}, kind=\"elementwise\")"
+    mod = getattr(n.target, "__module__", None) or ""
+    name = getattr(n.target, "__name__", str(n.target))
+    qual = f"{'torch' if mod.startswith('torch') and hasattr(torch, name) else mod}.{name}" if mod else name
+    return f"lrpfx.register_op({qual}, kind=\"elementwise\")"
 
 
 def builtin_rulesets() -> list[str]:
     """Names of the built-in rule sets."""
-    from lrpfx.ruleset import builtin_names
     return builtin_names()
 
 

@@ -22,10 +22,10 @@ import torchvision
 
 import lrpfx
 from conftest import input_x_gradient, randomize_batchnorm, rel_err
-from lrpfx.canonicalize import canonicalize
-from lrpfx.match import plan
-from lrpfx.ruleset import RuleSet
-from lrpfx.trace import trace
+from lrpfx.compiler.canonicalize import canonicalize
+from lrpfx.compiler.match import plan
+from lrpfx.relevance.ruleset import RuleSet
+from lrpfx.compiler.trace import trace
 
 timm = pytest.importorskip("timm")
 
@@ -112,7 +112,7 @@ def test_resnet50d_average_pool_shortcuts_are_blocks_and_keep_their_pooling() ->
     relevance, _ = lrpfx.compile(model, "c3_lrp", bindings={"linear": lrpfx.ZPlus()})(x, r_top)
     assert (relevance >= 0).all()  # dense_zplus through pooled shortcuts keeps relevance positive
     # block-epsilon at eps = 0 on every block (the pooled ones included) is Input x Gradient (§7.2)
-    zero = lrpfx.rules.DenseEpsilon(eps=0.0)
+    zero = lrpfx.relevance.rules.DenseEpsilon(eps=0.0)
     relevance, _ = lrpfx.compile(model, "lrp0", bindings={"bottleneck": zero})(x, target)
     assert rel_err(relevance, input_x_gradient(model, x, target)) < 1e-6
 
@@ -156,7 +156,7 @@ def test_seresnet50_gates_take_no_relevance() -> None:
     assert _lrp0_vs(_detach_gates(model), model, x) < 1e-6
     assert _lrp0_vs(model, model, x) > 1e-3  # the plain gradient also flows through the gates: not the oracle
     target = model(x).argmax(1)
-    zero = lrpfx.rules.DenseEpsilon(eps=0.0)
+    zero = lrpfx.relevance.rules.DenseEpsilon(eps=0.0)
     relevance, _ = lrpfx.compile(model, "lrp0", bindings={"bottleneck": zero})(x, target)
     assert rel_err(relevance, input_x_gradient(_detach_gates(model), x, target)) < 1e-6
     _run(model, "eccv2024", x.abs())
@@ -223,7 +223,7 @@ def test_efficientnet_b0_lists_exactly_its_silu_activations(source: str) -> None
     assert len(info.value.nodes) == 33
     # squeeze-and-excitation, stochastic depth and the rest are supported: nothing else is listed
     p = lrpfx.inspect(model, "c3_lrp")
-    assert {lrpfx.patterns.describe(n, p.gm) for n in p.unmatched} == {"SiLU"}
+    assert {lrpfx.compiler.patterns.describe(n, p.gm) for n in p.unmatched} == {"SiLU"}
 
 
 def test_timm_vgg_shape_dependent_head_is_a_trace_error_naming_the_submodule() -> None:

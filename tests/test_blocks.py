@@ -9,8 +9,8 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 import lrpfx
 from conftest import input_x_gradient, randomize_batchnorm, rel_err, tv_model
-from lrpfx.diagnostics import block_leaks
-from lrpfx.rules import DenseEpsilon, DenseZPlus, EccvSplit, Op
+from lrpfx.compiler.diagnostics import block_leaks
+from lrpfx.relevance.rules import DenseEpsilon, DenseZPlus, EccvSplit, Op
 
 
 def _blocks(plan: lrpfx.Plan) -> list:
@@ -222,7 +222,7 @@ def test_c3_lrp_plan_applies_block_rule_to_all_bottlenecks() -> None:
 
 # ------------------------------------------------------------------ ECCV splitting (§1.4, §7.11)
 def test_split_ratio_properties() -> None:
-    from lrpfx.kernels import split_ratio
+    from lrpfx.relevance.kernels import split_ratio
     torch.manual_seed(3)
     hm, hs = torch.randn(1000, dtype=torch.float64), torch.randn(1000, dtype=torch.float64)
     hm[:10] = 0
@@ -325,7 +325,7 @@ def test_eccv2024_matches_independent_reference(batchnorm: str) -> None:
 
 @pytest.mark.parametrize("inner", ["eccv", "dense_eps"])
 def test_renorm_conserves_every_block(inner: str) -> None:  # METHOD_SPEC §2 C
-    from lrpfx.rules import Renormalize
+    from lrpfx.relevance.rules import Renormalize
     model = tv_model("resnet50")
     x = torch.rand(2, 3, 64, 64, dtype=torch.float64)
     rule = Renormalize(inner=inner, split="symmetric", identity_skip=False)
@@ -339,7 +339,7 @@ def test_renorm_conserves_every_block(inner: str) -> None:  # METHOD_SPEC §2 C
 
 def test_avg_substitute_routes_like_avgpool2d() -> None:
     """The ECCV release's max-pool rule: R_j = a_j / sum_{2x2 window} a * R_k (windows of AvgPool2d(2))."""
-    from lrpfx.rules import AvgSubstitute
+    from lrpfx.relevance.rules import AvgSubstitute
     a = torch.rand(1, 2, 8, 8, dtype=torch.float64)
     pooled = F.max_pool2d(a, 3, 2, 1)
     r = torch.rand_like(pooled)

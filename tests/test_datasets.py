@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from lrpfx.datasets import CLASSES, MEAN, STD, ShapesDataset, generate_batch, make_sample, normalize, render, render_object_mask
+from lrpfx.eval.datasets import CLASSES, MEAN, STD, ShapesDataset, generate_batch, make_sample, normalize, render, render_object_mask
 
 torch.set_num_threads(1)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lrpfx import evaluate
+from lrpfx.eval import evaluate
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +67,8 @@ def test_best_worst_figure_picks_c3_lrp_extremes(run: evaluate.Evaluation, tmp_p
 
 @pytest.fixture(scope="module")
 def bundled():
-    from lrpfx.datasets import ShapesDataset
-    from lrpfx.loading import load_model
+    from lrpfx.eval.datasets import ShapesDataset
+    from lrpfx.cli.loading import load_model
     data = ShapesDataset("test", n=3, seed=2, normalize=True)
     x = torch.stack([data[i][0] for i in range(3)])
     return load_model("bundled").model, x, torch.tensor([int(data[i][1]) for i in range(3)])

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lrpfx import rules
-from lrpfx.rules import Op
+from lrpfx.relevance import rules
+from lrpfx.relevance.rules import Op
 
 torch.manual_seed(0)
 EPS = 1e-6

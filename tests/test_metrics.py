@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lrpfx.metrics import (
+from lrpfx.eval.metrics import (
     attended_iou,
     attention_stats,
     auc,

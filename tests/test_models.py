@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from lrpfx.datasets import CLASSES, generate_batch
-from lrpfx.models import ABNResNet, build, bundled_abn, bundled_metadata, bundled_resnet, bundled_resnet18, load_bundled, load_state, save_state
+from lrpfx.eval.datasets import CLASSES, generate_batch
+from lrpfx.eval.models import ABNResNet, build, bundled_abn, bundled_metadata, bundled_resnet, bundled_resnet18, load_bundled, load_state, save_state
 
 torch.set_num_threads(1)
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import lrpfx
-import lrpfx.match
-from lrpfx.rules import Epsilon
+import lrpfx.compiler.match
+from lrpfx.relevance.rules import Epsilon
 from conftest import input_x_gradient, rel_err, tv_model
 
 ARCHS = ["resnet18", "resnet34", "resnet50", "resnext50_32x4d", "wide_resnet50_2"]
@@ -72,7 +72,7 @@ def test_relevance_form_of_lrp0_equals_input_x_gradient_too(resnet18_f64: torch.
     """The relevance form (what LRP-0 falls back to next to a rule with no ratio form) meets the same oracle."""
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     target = resnet18_f64(x).argmax(1)
-    monkeypatch.setattr(lrpfx.match.Plan, "ratio_form", lambda self: False)
+    monkeypatch.setattr(lrpfx.compiler.match.Plan, "ratio_form", lambda self: False)
     explainer = lrpfx.compile(resnet18_f64, "lrp0")
     assert "ratio_linear" not in explainer.code
     relevance, _ = explainer(x, target)

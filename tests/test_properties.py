@@ -34,7 +34,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import lrpfx  # noqa: E402
 from conftest import input_x_gradient, randomize_batchnorm  # noqa: E402
-from lrpfx.rules import DenseEpsilon, DenseZPlus, EccvSplit  # noqa: E402
+from lrpfx.relevance.rules import DenseEpsilon, DenseZPlus, EccvSplit  # noqa: E402
 
 _COMMON = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large]}
 PROFILES = {

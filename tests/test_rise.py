@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lrpfx.rise import generate_masks, rise
+from lrpfx.eval.rise import generate_masks, rise
 
 torch.set_num_threads(1)
 

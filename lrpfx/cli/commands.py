@@ -42,11 +42,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     explainer = lrpfx.compile(loaded.model, args.rules, **({"c3": True} if args.c3 else {}))
     size = args.size or loaded.size
     example = torch.randn(2, 3, size, size)
+    # the exported forward takes (x, target), target -1 = the predicted class; --no-target-input: x only
+    options = {"target_input": not args.no_target_input, "dynamic_size": False if args.fixed_size else None}
     if args.format == "onnx":
-        lrpfx.export_onnx(explainer, args.out, example)
+        lrpfx.export_onnx(explainer, args.out, example, **options)
     else:
-        torch.export.save(lrpfx.export_program(explainer, example), args.out)
-    print(f"wrote {args.out}")
+        torch.export.save(lrpfx.export_program(explainer, example, **options), args.out)
+    inputs = "x" if args.no_target_input else "x, target"
+    print(f"wrote {args.out} (inputs: {inputs})")
     return 0
 
 
@@ -126,7 +129,12 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--format", choices=["onnx", "torch-export"], default="onnx")
     x.add_argument("--out", required=True)
     x.add_argument("--c3", action="store_true")
-    x.add_argument("--size", type=int)
+    x.add_argument("--size", type=int, help="the example's size (default: the model's)")
+    x.add_argument("--no-target-input", action="store_true",
+                   help="one input x, explaining the predicted class (default: inputs x and target, "
+                        "target -1 = the predicted class)")
+    x.add_argument("--fixed-size", action="store_true",
+                   help="export for --size only (default: any height and width where every op allows it)")
 
     sub.add_parser("bench", help="speed and memory against zennit and captum (see lrpfx bench --help)", add_help=False)
     sub.add_parser("eval", help="the ground-truth evaluation (see lrpfx eval --help)", add_help=False)

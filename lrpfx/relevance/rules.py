@@ -3,7 +3,7 @@
 A rule knows which op kinds it applies to and which kernel computes it; ``apply`` turns a
 description of one op (:class:`Op`, whose tensors are opaque handles: fx nodes when the
 compiler emits a graph, real tensors in a test) into one :class:`Call` per input that
-receives relevance. The math lives in :mod:`lrpfx.kernels`.
+receives relevance. The math lives in :mod:`lrpfx.relevance.kernels`.
 
 ``Epsilon(eps=1e-06)`` prints as itself, so a plan and the generated code read as data.
 """
@@ -14,11 +14,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
-from lrpfx import kernels
+from lrpfx.relevance import adjoints, kernels
 from lrpfx.errors import RegistryError, RuleSetError
 
 #: op kinds of a linear layer (weights and an optional bias)
 LINEAR_KINDS = frozenset({"conv", "linear"})
+#: op-table kinds whose rule goes through the op's transpose (``op.attrs["transpose"]``)
+TRANSPOSE_KINDS = frozenset({"linear_op", "norm"})
 
 
 @dataclass
@@ -119,12 +121,15 @@ class Epsilon(Rule):
     zero_at_zero: ClassVar[str] = "proportional"
     name: ClassVar[str] = "epsilon"
     kinds: ClassVar[frozenset[str]] = frozenset(
-        {"conv", "linear", "batchnorm", "avgpool", "adaptive_avgpool", "add"})
+        {"conv", "linear", "batchnorm", "avgpool", "adaptive_avgpool", "add", "linear_op", "norm"})
     eps: float = 1e-6
     zero_bias: bool = False
 
     def apply(self, op: Op) -> tuple[Call, ...]:
         a = op.inputs[0] if op.inputs else None
+        if op.kind in TRANSPOSE_KINDS:  # the generic modified-linear form: a * A^T (R / stabilize(z))
+            s = Call(adjoints.divide, (op.rel, op.out), {"eps": self.eps})
+            return (Call(operator.mul, (a, op.attrs["transpose"](s))),)
         if op.kind in LINEAR_KINDS:
             z = None if (self.zero_bias and op.params.get("bias") is not None) else op.out
             rectified = {"z_rectified": True} if op.attrs.get("z_rectified") and z is not None else {}
@@ -148,9 +153,11 @@ class Epsilon(Rule):
         # R_in = a * T(R / z) is a * T(c): exact when no stabilizer and no dropped bias changes z
         if self.eps != 0 or self.zero_bias:
             return frozenset()
-        return frozenset({"conv", "linear", "avgpool", "adaptive_avgpool", "add"})
+        return frozenset({"conv", "linear", "avgpool", "adaptive_avgpool", "add"}) | TRANSPOSE_KINDS
 
     def apply_ratio(self, op: Op) -> tuple[Call, ...]:
+        if op.kind in TRANSPOSE_KINDS:  # c_a = A^T c_z
+            return (op.attrs["transpose"](op.rel),)
         if op.kind in LINEAR_KINDS:
             return (Call(kernels.ratio_linear, (op.rel, op.inputs[0], op.params["weight"]), _geometry(op)),)
         if op.kind == "avgpool":
@@ -175,7 +182,7 @@ class Norm(Epsilon):
     """zennit's Norm rule for parameter-free linear ops (pooling, sums): LRP-epsilon with a small stabilizer."""
 
     name: ClassVar[str] = "norm"
-    kinds: ClassVar[frozenset[str]] = frozenset({"avgpool", "adaptive_avgpool", "add"})
+    kinds: ClassVar[frozenset[str]] = frozenset({"avgpool", "adaptive_avgpool", "add", "linear_op", "norm"})
 
 
 @dataclass(frozen=True)
@@ -321,8 +328,10 @@ class Pass(Rule):
     name: ClassVar[str] = "pass"
     kinds: ClassVar[frozenset[str]] = frozenset({"relu", "hardtanh", "reshape", "batchnorm"})
 
-    def apply(self, op: Op) -> tuple[Call, ...]:
-        return (Call(kernels.reshape_as, (op.rel, op.inputs[0])),)
+    def apply(self, op: Op) -> tuple[Any, ...]:
+        if op.kind == "reshape":
+            return (Call(kernels.reshape_as, (op.rel, op.inputs[0])),)
+        return (op.rel,)  # same shape: the relevance itself, no line of code
 
     def ratio_kinds(self) -> frozenset[str]:
         return frozenset({"relu", "reshape"})  # not the clipping activations: their a/z is no mask
@@ -330,6 +339,44 @@ class Pass(Rule):
     def apply_ratio(self, op: Op) -> tuple[Call, ...]:
         if op.kind == "relu":  # R_z = R_a = a * c, so c_z = c where a = z > 0, else 0
             return (Call(kernels.ratio_relu, (op.rel, op.out)),)
+        return self.apply(op)
+
+
+@dataclass(frozen=True)
+class Identity(Rule):
+    """The identity rule for elementwise activations: R_in = R_out (Achtibat et al., 2024, "AttnLRP", ICML).
+
+    For an activation f it is LRP-0 on f(x) = x * (f(x) / x) with the ratio held constant, so
+    a network explained with it (and LRP-0 elsewhere) is explained as its linearized twin.
+    """
+
+    name: ClassVar[str] = "identity"
+    kinds: ClassVar[frozenset[str]] = frozenset({"elementwise"})
+
+    def apply(self, op: Op) -> tuple[Any, ...]:
+        return (op.rel,)
+
+
+@dataclass(frozen=True)
+class Route(Rule):
+    """Routing ops (slice, pad, permute, expand, stack, roll, ...): the op's exact adjoint, R_in = A^T R_out.
+
+    A is a 0/1 matrix, so every linear-family rule reduces to this (no stabilizer, no division),
+    and relevance is conserved wherever the op drops no element. The adjoint is found by
+    replaying the op on index tensors (:func:`lrpfx.relevance.adjoints.route_back`).
+    """
+
+    zero_at_zero: ClassVar[str] = "transmit"
+    name: ClassVar[str] = "route"
+    kinds: ClassVar[frozenset[str]] = frozenset({"routing"})
+
+    def apply(self, op: Op) -> tuple[Any, ...]:
+        return tuple(op.attrs["transpose"](op.rel))
+
+    def ratio_kinds(self) -> frozenset[str]:
+        return self.kinds  # each output copies one input element, so c routes as R does
+
+    def apply_ratio(self, op: Op) -> tuple[Any, ...]:
         return self.apply(op)
 
 
@@ -612,6 +659,7 @@ def registered_rules() -> dict[str, type[Rule]]:
     return dict(_REGISTRY)
 
 
-for _cls in (Epsilon, Zero, Norm, ZPlus, AlphaBeta, Gamma, ZBox, Flat, WSquare, Pass, WinnerTakesAll, AvgMatched,
+for _cls in (Epsilon, Zero, Norm, ZPlus, AlphaBeta, Gamma, ZBox, Flat, WSquare, Pass, Identity, Route,
+             WinnerTakesAll, AvgMatched,
              SignalTakesAll, Slice, FlatPositive, AvgSubstitute, DenseEpsilon, DenseZPlus, EccvSplit, Renormalize):
     register_rule(_cls)

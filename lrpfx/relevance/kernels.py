@@ -460,7 +460,9 @@ def top_relevance(logits: torch.Tensor, target: torch.Tensor | int | None, *, to
     """The relevance put on the output: the target logit (``top="logit"``) or its softmax probability.
 
     ``target`` is ``None`` (argmax per sample), an int, a LongTensor (N,) or a float tensor
-    (N, classes), which is used as the output relevance itself.
+    (N, classes), which is used as the output relevance itself. A class index of -1 means the
+    predicted class (the argmax) of that sample, so one integer tensor can mix explicit classes
+    and predictions (the exported explainers' ``target`` input).
     """
     if logits.dim() != 2:
         raise InputError(f"the model's output has shape {tuple(logits.shape)}; lrpfx explains (N, classes) "
@@ -468,6 +470,23 @@ def top_relevance(logits: torch.Tensor, target: torch.Tensor | int | None, *, to
     _check_finite_logits(logits)
     if isinstance(target, torch.Tensor) and target.is_floating_point():
         return _float_target(target, logits)
+    n, classes = logits.shape
+    if isinstance(target, numbers.Integral) and not isinstance(target, bool) and int(target) == -1:
+        target = None
+    elif isinstance(target, torch.Tensor) and target.dtype != torch.bool and not target.is_complex():
+        index = target.reshape(-1).to(device=logits.device, dtype=torch.long)
+        if _validating():
+            if index.numel() not in (1, n):
+                raise InputError(f"target has {index.numel()} entries for a batch of {n}. Hint: pass one class "
+                                 "per sample (-1: the predicted class), an int, or None for the argmax.")
+            if bool(((index < -1) | (index >= classes)).any()):
+                raise InputError(f"target {index.tolist()} out of range for a model with {classes} classes "
+                                 f"(valid: -1 for the predicted class, or 0..{classes - 1}). Hint: pass class "
+                                 f"indices in -1..{classes - 1}.")
+        # -1 selects the argmax; in graphs (no checks, no shape branch) the shapes broadcast as they are
+        index = torch.where(index < 0, logits.argmax(1), index)
+        score = logits.softmax(1) if top == "softmax" else logits
+        return F.one_hot(index, classes).to(logits.dtype) * score
     index = _class_index(target, logits)
     score = logits.softmax(1) if top == "softmax" else logits
     return F.one_hot(index, logits.shape[1]).to(logits.dtype) * score

@@ -1,4 +1,4 @@
-"""Speed and memory of lrpfx against its peers, measured side by side: ``python -m lrpfx.bench``.
+"""Speed and memory of lrpfx against its peers, measured side by side: ``python -m lrpfx.eval.bench``.
 
 Every method explains the same batch for the same targets, in one process, interleaved
 (round r runs every method once), after warm-up; the table reports medians over rounds and
@@ -228,7 +228,7 @@ def memory_child(args: argparse.Namespace) -> None:
 def measure_memory(args: argparse.Namespace, names: list[str]) -> dict[str, float]:
     out = {}
     for name in names:
-        cmd = [sys.executable, "-m", "lrpfx.bench", "--memory-of", name, "--arch", args.arch, "--batch",
+        cmd = [sys.executable, "-m", "lrpfx.eval.bench", "--memory-of", name, "--arch", args.arch, "--batch",
                str(args.batch), "--size", str(args.size), "--threads", str(args.threads), "--dtype", args.dtype]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         try:
@@ -253,7 +253,7 @@ def compile_time(arch: str = "resnet152", rules: str = "c3_lrp") -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lrpfx.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m lrpfx.eval.bench", description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="resnet50")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=224)

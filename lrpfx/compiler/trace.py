@@ -7,6 +7,7 @@ from collections.abc import Hashable, Iterable
 import torch
 import torch.fx as fx
 
+from lrpfx.compiler.patterns import describe
 from lrpfx.errors import TraceError, TrainModeError
 
 LeafSpec = type | str
@@ -86,7 +87,6 @@ def _failing_module(tracer: fx.Tracer) -> tuple[str, str] | None:
 
 def select_output(gm: fx.GraphModule, output: OutputSpec) -> None:
     """Make ``gm`` return only ``output`` (an index or key) of its tuple/list/dict output, in place."""
-    from lrpfx.match import describe_output  # late: match imports the stages after this one
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     result = out_node.args[0]
     if isinstance(result, fx.Node) or not isinstance(result, (tuple, list, dict)):
@@ -106,3 +106,26 @@ def select_output(gm: fx.GraphModule, output: OutputSpec) -> None:
     out_node.args = (chosen,)
     gm.graph.eliminate_dead_code()
     gm.recompile()
+
+
+def describe_output(result: object, gm: fx.GraphModule) -> str:
+    """A short description of a model's (traced) output structure: ``tuple of 2: [0] fc (Linear), [1] x``."""
+    def one(v: object) -> str:
+        if isinstance(v, fx.Node):
+            return f"{v.name} ({describe(v, gm)})" if v.op not in ("placeholder", "get_attr") else v.name
+        return type(v).__name__
+    if isinstance(result, dict):
+        items = ", ".join(f"{k!r}: {one(v)}" for k, v in result.items())
+        return f"dict with keys {list(result)} ({items})"
+    if isinstance(result, (tuple, list)):
+        items = ", ".join(f"[{i}] {one(v)}" for i, v in enumerate(result))
+        return f"{output_structure(result)} of {len(result)}: {items}"
+    return one(result)
+
+
+def output_structure(result: object) -> str:
+    """``tuple``, ``list`` or ``dict`` (fx stores outputs as its immutable subclasses), or a namedtuple's name."""
+    for base in (dict, list):
+        if isinstance(result, base):
+            return base.__name__
+    return type(result).__name__

@@ -1,7 +1,7 @@
 """The offline demo: ``lrpfx demo``. The bundled model, generated images, and the poster's figure.
 
 Columns: the image, C3-LRP (the seed's method: ``c3_lrp`` + the C3 stage), LRP
-(``epsilon_plus_flat``), Grad-CAM (pytorch-grad-cam, last stage), RISE (lrpfx.rise) and
+(``epsilon_plus_flat``), Grad-CAM (pytorch-grad-cam, last stage), RISE (lrpfx.eval.rise) and
 Input x Gradient (captum), all explaining the ground-truth class of generated test images.
 """
 from __future__ import annotations
@@ -19,23 +19,13 @@ def explanations(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, 
     """Every method's map for the batch ``x`` and classes ``target`` (column title -> maps)."""
     columns: dict[str, Any] = {}
     with torch.inference_mode():
-        columns["C3-LRP"] = lrpfx.compile(model, "c3_lrp", c3=c3_options(x))(x, target)[2]
+        columns["C3-LRP"] = lrpfx.compile(model, "c3_lrp", c3=True)(x, target)[2]  # the rule set's [c3] options
         columns["LRP"] = lrpfx.compile(model, "epsilon_plus_flat")(x, target)[0]
     columns["Grad-CAM"] = _gradcam(model, x, target)
-    from lrpfx.rise import rise
+    from lrpfx.eval.rise import rise
     columns["RISE"] = rise(model, x, target, n_masks=rise_masks)
     columns["Input x Gradient"] = _input_x_gradient(model, x, target)
     return columns
-
-
-def c3_options(x: torch.Tensor) -> dict[str, Any]:
-    """C3 at 1/4 of the image side for small images (64 -> 16), else the default 28 x 28.
-
-    The default (28, 28) is ECCV's 224 / 8; cv2's area resize is only exact in tensor form for
-    integer factors, and 28 does not divide 64.
-    """
-    side = x.shape[-1]
-    return {"resize_to": (side // 4, side // 4)} if side % 28 else {}
 
 
 def _gradcam(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -53,8 +43,8 @@ def _input_x_gradient(model: torch.nn.Module, x: torch.Tensor, target: torch.Ten
 
 def run(out: Path, n_images: int = 4, seed: int = 0) -> Path:
     """Write ``out/comparison.png`` for ``n_images`` generated test images; returns its path."""
-    from lrpfx.datasets import ShapesDataset
-    from lrpfx.loading import load_model
+    from lrpfx.eval.datasets import ShapesDataset
+    from lrpfx.cli.loading import load_model
     from lrpfx.postprocess.render import comparison_grid
     loaded = load_model("bundled")
     model = loaded.model

@@ -1,4 +1,4 @@
-"""A one-minute tour on an embedded default (no download): ``python -m lrpfx.quickstart``.
+"""A one-minute tour on an embedded default (no download): ``python -m lrpfx.cli.quickstart``.
 
 Compiles torchvision's ResNet-50 (random weights, seeded) into relevance networks, checks
 LRP-0 against autograd's Input x Gradient, and prints the plan and a piece of the code.

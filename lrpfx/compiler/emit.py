@@ -4,7 +4,7 @@ The generated forward is ``forward(x, target=None)``: first the forward replay u
 the trace's names, then the output relevance, then one rule application per node in
 reverse graph order. ``rel_<v>`` is the relevance of forward value ``<v>``; a value with
 several users gets one share per user, ``rel_<v>_from_<user>``, summed into ``rel_<v>``.
-Hyperparameters are keyword literals; the math is in :mod:`lrpfx.kernels`.
+Hyperparameters are keyword literals; the math is in :mod:`lrpfx.relevance.kernels`.
 """
 from __future__ import annotations
 
@@ -15,11 +15,16 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from lrpfx import kernels
+from lrpfx.relevance import kernels
 from lrpfx.errors import LrpfxError
-from lrpfx.match import Plan, relevance_inputs
-from lrpfx.patterns import gate_operands
-from lrpfx.rules import Call, Op
+from lrpfx.compiler.match import Plan, relevance_inputs
+from lrpfx.compiler.patterns import gate_operands
+from lrpfx.compiler.transposes import transpose_of
+from lrpfx.relevance.rules import Call, Op
+
+
+#: op-table kinds whose rules use the op's transpose
+TABLE_KINDS = frozenset({"routing", "linear_op", "norm"})
 
 
 class Emitter:
@@ -145,6 +150,9 @@ class Emitter:
                 "block": a.block is not None, "form": "ratio" if self.ratio else "relevance"}
         p = self._prefix
         for i, call in zip(inputs, calls):
+            if not isinstance(call, Call):  # the rule passes a relevance through unchanged: no new line
+                self.shares.setdefault(i, []).append((n.name, call))
+                continue
             name = f"{p}_{i.name}" if self.n_rel_users[i] == 1 else f"{p}_{i.name}_from_{n.name}"
             share = self._node(call, name, meta)
             share.meta["lrpfx"]["share_of"] = i.name
@@ -168,6 +176,8 @@ class Emitter:
         return node
 
     def _materialize(self, v: Any, meta: dict[str, str]) -> Any:
+        if isinstance(v, (list, tuple)) and any(isinstance(x, Call) for x in v):
+            return type(v)(self._materialize(x, meta) for x in v)
         if not isinstance(v, Call):
             return v
         if id(v) not in self._made:
@@ -186,12 +196,14 @@ class Emitter:
         ins = self.rel_inputs[n]
         op = Op(kind=kind, node=n.name, inputs=[self.env[i] for i in ins], out=self.env[n], rel=rel,
                 nonneg=[self.nonneg.get(i, False) for i in ins])
-        if n.op == "call_module":
+        if n.op == "call_module" and kind not in TABLE_KINDS:
             self._module_facts(op, n, self.gm.get_submodule(n.target))
         elif kind == "cat":  # the parts that take relevance, by position (cat([x, x]) gives x two shares)
             parts = list(n.args[0])
             op.attrs.update({"parts": [self.env[p] for p in parts], "dim": n.args[1],
                              "index": [k for k, p in enumerate(parts) if p in self.pathset]})
+        if kind in TABLE_KINDS:
+            op.attrs["transpose"] = transpose_of(n, ins, self.env, self.gm, kind, self.param)
         if n in self.rectified:
             op.attrs["z_rectified"] = True
         return op

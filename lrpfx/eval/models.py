@@ -10,7 +10,7 @@
 * ``ABNResNet``: an Attention Branch Network (Fukui et al., "Attention Branch Network:
   Learning of Attention Mechanism for Visual Explanation", CVPR 2019) on the same trunk.
   Its attention map is its explanation.
-* ``load_bundled``: a model with the weights shipped in ``lrpfx/weights/``.
+* ``load_bundled``: a model with the weights shipped in ``lrpfx/eval/weights/``.
 """
 from __future__ import annotations
 
@@ -172,8 +172,8 @@ def build(name: str, num_classes: int = 8) -> nn.Module:
 
 
 def weights_dir() -> Path:
-    """The package's weights folder, ``lrpfx/weights/``."""
-    return Path(str(resources.files("lrpfx"))) / "weights"
+    """The package's weights folder, ``lrpfx/eval/weights/``."""
+    return Path(str(resources.files("lrpfx.eval"))) / "weights"
 
 
 def bundled_metadata(name: str = "resnet50_w16", directory: str | Path | None = None) -> dict[str, Any]:
@@ -181,7 +181,7 @@ def bundled_metadata(name: str = "resnet50_w16", directory: str | Path | None = 
     path = Path(directory or weights_dir()) / f"{name}.json"
     if not path.exists():
         raise FileNotFoundError(f"no metadata {path} for bundled model {name!r}. "
-                                f"Hint: train it with `python -m lrpfx.train --model {name} --out {path.parent}`.")
+                                f"Hint: train it with `python -m lrpfx.eval.train --model {name} --out {path.parent}`.")
     return json.loads(path.read_text())
 
 
@@ -199,7 +199,7 @@ def load_state(stem: Path) -> dict[str, torch.Tensor]:
     if pt.exists():
         return torch.load(pt, map_location="cpu", weights_only=True)
     raise FileNotFoundError(f"no weights {st} or {pt}. Hint: train them with "
-                            f"`python -m lrpfx.train --model {stem.name} --out {stem.parent}`.")
+                            f"`python -m lrpfx.eval.train --model {stem.name} --out {stem.parent}`.")
 
 
 def save_state(model: nn.Module, stem: Path) -> Path:
@@ -219,11 +219,11 @@ def load_bundled(name: str = "resnet50_w16", directory: str | Path | None = None
 
     Args:
         name: ``resnet50_w16`` (the ResNet-50 layout), ``resnet18_w16`` or ``abn_resnet50_w16``
-            (whichever ``lrpfx/weights/`` holds; ``bundled_metadata`` gives their accuracy).
+            (whichever ``lrpfx/eval/weights/`` holds; ``bundled_metadata`` gives their accuracy).
         directory: another folder holding ``<name>.safetensors`` and ``<name>.json``.
 
     Inputs are 64 x 64 RGB images normalised with the metadata's ``mean``/``std``
-    (``lrpfx.datasets.normalize``).
+    (``lrpfx.eval.datasets.normalize``).
     """
     meta = bundled_metadata(name, directory)
     model = build(name, num_classes=len(meta["classes"]))

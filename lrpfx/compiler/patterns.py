@@ -3,7 +3,7 @@
 Type groups follow zennit's ``types.py``: a subclass of ``nn.Conv2d`` is a conv.
 Every canonical fx node gets one *kind*; a single-op pattern names kinds (``conv``),
 or kinds plus a graph condition (``first_layer``: a conv/linear with no conv/linear
-upstream). Whole-block patterns are small dataflow graphs (see :mod:`lrpfx.blocks`).
+upstream). Whole-block patterns are small dataflow graphs (see :mod:`lrpfx.compiler.blocks`).
 """
 from __future__ import annotations
 
@@ -15,6 +15,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+
+from lrpfx.compiler.blocks import BLOCK_PATTERNS
+from lrpfx.compiler.optable import table_kind
+from lrpfx.errors import RegistryError
 
 CONV_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 LINEAR_TYPES: tuple[type, ...] = (nn.Linear,)
@@ -41,22 +45,23 @@ GATE_FUNCTIONS: frozenset[Callable] = frozenset({torch.sigmoid, F.hardsigmoid})
 _GATE_PLUMBING_FUNCTIONS = {torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze}
 _GATE_PLUMBING_METHODS = {"expand", "expand_as", "view", "reshape", "squeeze", "unsqueeze", "flatten"}
 #: nodes that compute shapes, not tensors: they never carry relevance
-_SHAPE_METHODS = {"size", "dim"}
+_SHAPE_METHODS = {"size", "dim", "numel"}
 _SHAPE_ATTRS = {"shape", "ndim", "dtype", "device"}
 
 
 def op_kind(node: fx.Node, gm: fx.GraphModule) -> str | None:
     """The kind of a canonical node, ``"shape"`` for shape arithmetic, ``None`` if unknown."""
-    if node.op == "call_module":
-        m = gm.get_submodule(node.target)
-        return next((kind for types, kind in _MODULE_KINDS if isinstance(m, types)), None)
+    m = gm.get_submodule(node.target) if node.op == "call_module" else None
+    if m is not None:
+        kind = next((kind for types, kind in _MODULE_KINDS if isinstance(m, types)), None)
+        return kind if kind is not None else table_kind(node, m)
     if node.op == "call_function" and node.target in _FUNCTION_KINDS:
         return _FUNCTION_KINDS[node.target]
     if node.op == "call_function" and node.target is operator.mul and gate_operands(node) is not None:
         return "gate"
     if is_shape(node):
         return "shape"
-    return None
+    return table_kind(node, None)
 
 
 def is_shape(node: fx.Node) -> bool:
@@ -67,7 +72,8 @@ def is_shape(node: fx.Node) -> bool:
         return True
     tensor_args = [a for a in node.all_input_nodes]
     return (node.op == "call_function" and bool(tensor_args)
-            and node.target in (operator.getitem, operator.mul, operator.floordiv, operator.add, operator.sub)
+            and node.target in (operator.getitem, operator.mul, operator.floordiv, operator.add, operator.sub,
+                                operator.pow, operator.truediv, operator.mod, operator.neg)
             and all(is_shape(a) for a in tensor_args))
 
 
@@ -162,9 +168,13 @@ def _no_linear_upstream(node: fx.Node, kinds: dict[fx.Node, str]) -> bool:
 _PATTERNS: dict[str, Pattern] = {}
 
 
+def known_pattern(name: str) -> bool:
+    """Whether ``name`` is a registered single-op or block pattern."""
+    return get_pattern(name) is not None or name in BLOCK_PATTERNS
+
+
 def register_pattern(pattern: Pattern) -> Pattern:
     """Register a single-op pattern; a name registered twice is an error."""
-    from lrpfx.errors import RegistryError
     if pattern.name in _PATTERNS:
         raise RegistryError(f"a pattern named {pattern.name!r} is already registered. Hint: choose another name.")
     _PATTERNS[pattern.name] = pattern
@@ -196,5 +206,12 @@ for _p in (
     Pattern("avgpool", frozenset({"avgpool", "adaptive_avgpool"}), doc="AvgPool2d, AdaptiveAvgPool2d, spatial mean"),
     Pattern("add", frozenset({"add"}), doc="a sum of two tensors (residual add)"),
     Pattern("reshape", frozenset({"reshape"}), doc="flatten, view, reshape"),
+    Pattern("routing", frozenset({"routing"}), doc="ops that move, copy or drop elements (slice, pad, permute, "
+            "expand, stack, roll, split items, nearest upsampling, ...): their exact adjoint"),
+    Pattern("linear_op", frozenset({"linear_op"}), doc="linear ops in one tensor: mul/div by a constant or a held "
+            "factor, sum, mean, matmul with a constant or held operand, bilinear interpolation"),
+    Pattern("elementwise", frozenset({"elementwise"}), doc="elementwise activations other than ReLU (GELU, SiLU, "
+            "Hardswish, ...)"),
+    Pattern("norm", frozenset({"norm"}), doc="LayerNorm, GroupNorm, InstanceNorm, RMSNorm (std held constant)"),
 ):
     register_pattern(_p)

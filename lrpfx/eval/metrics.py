@@ -197,7 +197,7 @@ def insertion_deletion(model: torch.nn.Module, images: torch.Tensor, maps: torch
             (41 at 64 x 64, 502 at 224 x 224; pass 500 for the ECCV setting), the image
             width for "rise" (224 at 224 x 224 as in the paper).
         mean, std: the normalisation of ``images``, which defines black in "eccv_patch"
-            (``lrpfx.datasets.MEAN``/``STD`` for the shapes dataset); required so that
+            (``lrpfx.eval.datasets.MEAN``/``STD`` for the shapes dataset); required so that
             another dataset's constants are never used by default.
         batch_size: images per model call; consecutive images share calls, and a mask that
             equals another of the same image (ties, binary maps) runs once.

@@ -1,4 +1,4 @@
-"""The ground-truth evaluation: ``lrpfx eval`` / ``python -m lrpfx.evaluate``.
+"""The ground-truth evaluation: ``lrpfx eval`` / ``python -m lrpfx.eval.evaluate``.
 
 Every method explains the same generated test images of the synthetic shapes benchmark for
 the same classes (the ground truth, as the ECCV metric does), and every map is scored with the
@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 import lrpfx
-from lrpfx import metrics
+from lrpfx.eval import metrics
 
 
 @dataclass
@@ -64,11 +64,11 @@ def inference_model(model: nn.Module, example: torch.Tensor, tol: float = 1e-4) 
             with torch.no_grad():
                 ok = torch.allclose(fast(example), model(example), rtol=tol, atol=tol)
     except Exception as e:  # noqa: BLE001 - any scripting failure means "use the model as it is"
-        warnings.warn(f"lrpfx.evaluate: scripting the model failed ({type(e).__name__}: {str(e)[:120]}); "
+        warnings.warn(f"lrpfx.eval.evaluate: scripting the model failed ({type(e).__name__}: {str(e)[:120]}); "
                       "forward passes run eagerly (slower, same results).", stacklevel=2)
         return model
     if not ok:
-        warnings.warn("lrpfx.evaluate: the frozen copy of the model disagrees with it; forward passes run "
+        warnings.warn("lrpfx.eval.evaluate: the frozen copy of the model disagrees with it; forward passes run "
                       "eagerly.", stacklevel=2)
         return model
     return fast
@@ -76,8 +76,7 @@ def inference_model(model: nn.Module, example: torch.Tensor, tol: float = 1e-4) 
 
 def _lrp(rules: str, c3: bool = False, heat: int | None = None) -> Method:
     def run(models: Models, x: torch.Tensor, target: torch.Tensor) -> MethodOutput:
-        from lrpfx.demo import c3_options
-        explainer = lrpfx.compile(models.model, rules, c3=c3_options(x) if c3 else False)
+        explainer = lrpfx.compile(models.model, rules, c3=c3)  # the rule set's [c3] options, any image size
         with torch.inference_mode():
             out = explainer(x, target)
         relevance, logits = out[0], out[1]
@@ -130,13 +129,13 @@ def _captum(kind: str) -> Method:
 
 def _rise(n_masks: int) -> Method:
     def run(models: Models, x: torch.Tensor, target: torch.Tensor) -> MethodOutput:
-        from lrpfx.rise import rise
+        from lrpfx.eval.rise import rise
         return MethodOutput(rise(models.fast, x, target, n_masks=n_masks, batch_size=100).float())
     return run
 
 
 def _abn(models: Models, x: torch.Tensor, target: torch.Tensor) -> MethodOutput:
-    from lrpfx.models import load_bundled
+    from lrpfx.eval.models import load_bundled
     abn = load_bundled("abn_resnet50_w16")
     with torch.no_grad():
         return MethodOutput(abn.attention(x).reshape(x.shape[0], *x.shape[-2:]).float())
@@ -215,8 +214,8 @@ def evaluate(n_images: int = 200, seed: int = 0, batch_size: int = 50, rise_mask
     ``model`` is a shipped model trained on the shapes benchmark: ``"bundled"`` (the
     ResNet-50 layout) or ``"bundled:resnet18_w16"`` (the ResNet-18 layout).
     """
-    from lrpfx.datasets import ShapesDataset
-    from lrpfx.loading import load_model
+    from lrpfx.eval.datasets import ShapesDataset
+    from lrpfx.cli.loading import load_model
     if not (model == "bundled" or model.startswith("bundled:")) or "abn" in model:
         raise ValueError(f"model={model!r}: the evaluation needs a classifier trained on the shapes benchmark. "
                          "Hint: use 'bundled' or 'bundled:resnet18_w16'.")
@@ -274,7 +273,7 @@ def evaluate(n_images: int = 200, seed: int = 0, batch_size: int = 50, rise_mask
 
 
 def _abn_accuracy(x: torch.Tensor, target: torch.Tensor) -> float:
-    from lrpfx.models import load_bundled
+    from lrpfx.eval.models import load_bundled
     abn = load_bundled("abn_resnet50_w16")
     with torch.no_grad():
         return float((abn(x).argmax(1) == target).float().mean())
@@ -294,7 +293,7 @@ def best_worst_figure(ev: Evaluation, path: str | Path, k: int = 3, key: str = F
     if "per_image_ID" not in row:
         return None
     try:
-        from lrpfx.datasets import MEAN, STD
+        from lrpfx.eval.datasets import MEAN, STD
         from lrpfx.postprocess.render import comparison_grid
         ids = torch.tensor(row["per_image_ID"])
         order = torch.argsort(ids, descending=True, stable=True).tolist()

@@ -22,7 +22,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lrpfx.patterns import BATCHNORM_TYPES, CONV_TYPES, LINEAR_TYPES, is_shape
+from lrpfx.compiler.patterns import BATCHNORM_TYPES, CONV_TYPES, LINEAR_TYPES, is_shape
+from lrpfx.relevance.adjoints import split_item
 
 DROP_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
 DROP_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torch.dropout}
@@ -414,10 +415,243 @@ def fold(layer: nn.Module, bn: nn.Module) -> nn.Module:
         new.bias = nn.Parameter(bias.to(layer.weight.dtype), requires_grad=layer.weight.requires_grad)
     return new
 
+# --------------------------------------------------------------------------- the op table's passes
+_IMPURE = {torch.rand, torch.randn, torch.randint, torch.rand_like, torch.randn_like, torch.bernoulli,
+           torch.multinomial, torch.normal}
+
+
+def fold_constants(gm: fx.GraphModule) -> None:
+    """Parameter-only subgraphs (weight standardization, gains, ``cls_token`` arithmetic) -> constants.
+
+    A node whose inputs are all parameters, buffers or literals does not depend on the model
+    input: it is evaluated once, here, and becomes a buffer of the graph (``_folded_<name>``).
+    Only the frontier is stored (constants that a non-constant node reads).
+    """
+    const: dict[fx.Node, Any] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            const[node] = _fetch(gm, node.target)
+        elif node.op in ("call_function", "call_method", "call_module") and node.target not in _IMPURE \
+                and node.all_input_nodes and all(a in const for a in node.all_input_nodes):
+            try:
+                const[node] = _evaluate(gm, node, const)
+            except Exception:  # noqa: BLE001 - leave what cannot be evaluated to the later stages
+                continue
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" or node not in const or not isinstance(const[node], torch.Tensor):
+            continue
+        if all(u in const for u in node.users):
+            continue
+        name = f"_folded_{node.name}"
+        gm.register_buffer(name, const[node].detach().clone())
+        with gm.graph.inserting_before(node):
+            new = gm.graph.get_attr(name)
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+    # no dead-code elimination here: an in-place statement whose result is dropped is still live
+
+
+def _fetch(gm: fx.GraphModule, target: str) -> Any:
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
+def _evaluate(gm: fx.GraphModule, node: fx.Node, const: dict[fx.Node, Any]) -> Any:
+    args = fx.node.map_arg(node.args, lambda a: const[a])
+    kwargs = fx.node.map_arg(node.kwargs, lambda a: const[a])
+    with torch.no_grad():
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        return gm.get_submodule(node.target)(*args, **kwargs)
+
+
+def _norm_layer(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    """``F.layer_norm``/``F.group_norm``/``F.rms_norm`` on fixed parameters as the matching module."""
+    names = {F.layer_norm: ("input", "normalized_shape", "weight", "bias", "eps"),
+             F.group_norm: ("input", "num_groups", "weight", "bias", "eps"),
+             F.rms_norm: ("input", "normalized_shape", "weight", "eps")}[node.target]
+    b = _bind(node, names)
+    weight, bias = _attr(gm, b["weight"]), _attr(gm, b.get("bias"))
+    if (b["weight"] is not None and weight is None) or (b.get("bias") is not None and bias is None):
+        return None
+    if node.target is F.group_norm:
+        known = weight if weight is not None else bias
+        if not isinstance(b["num_groups"], int) or known is None:
+            return None  # no parameter tells the channel count: left for the unmatched report
+        channels = known.shape[0]
+        layer: nn.Module = nn.GroupNorm(b["num_groups"], channels, eps=1e-5 if b["eps"] is None else b["eps"],
+                                        affine=weight is not None)
+    else:
+        shape = b["normalized_shape"]
+        if not isinstance(shape, (int, list, tuple)) or any(isinstance(v, fx.Node) for v in
+                                                              (shape if isinstance(shape, (list, tuple)) else [])):
+            return None
+        eps = b["eps"]
+        cls = nn.LayerNorm if node.target is F.layer_norm else nn.RMSNorm
+        layer = cls(shape, eps=eps if eps is not None else (1e-5 if cls is nn.LayerNorm else None),
+                    elementwise_affine=weight is not None, **({"bias": bias is not None} if cls is nn.LayerNorm
+                                                              else {}))
+    if weight is not None:
+        layer.weight = _param(weight)
+    if bias is not None:
+        layer.bias = _param(bias)
+    elif getattr(layer, "bias", None) is not None:  # GroupNorm(affine=True) always has a bias
+        layer.bias = nn.Parameter(torch.zeros_like(layer.bias), requires_grad=False)
+    return layer
+
+
+_FUNCTIONAL_LAYERS.update({F.layer_norm: _norm_layer, F.group_norm: _norm_layer, F.rms_norm: _norm_layer})
+
+
+def unify_routing_modules(gm: fx.GraphModule) -> None:
+    """Padding, Upsample, PixelShuffle, ChannelShuffle and Unflatten modules -> their functions.
+
+    Routing ops are replayed on index tensors to find their adjoint; a function call can be
+    replayed from the generated code, a module call would need the module.
+    """
+    for node in list(gm.graph.nodes):
+        m = _module(gm, node)
+        if isinstance(m, (nn.modules.padding._ConstantPadNd, nn.modules.padding._ReflectionPadNd,
+                          nn.modules.padding._ReplicationPadNd, nn.modules.padding.CircularPad2d)):
+            mode = {nn.modules.padding._ConstantPadNd: "constant", nn.modules.padding._ReflectionPadNd: "reflect",
+                    nn.modules.padding._ReplicationPadNd: "replicate"}
+            kind = next((v for k, v in mode.items() if isinstance(m, k)), "circular")
+            kwargs = {"mode": kind, **({"value": float(m.value)} if kind == "constant" else {})}
+            _replace(gm, node, F.pad, (node.args[0], tuple(m.padding)), kwargs)
+        elif isinstance(m, nn.Upsample):
+            _replace(gm, node, F.interpolate, (node.args[0],),
+                     {"size": m.size, "scale_factor": m.scale_factor, "mode": m.mode,
+                      "align_corners": m.align_corners, "recompute_scale_factor": m.recompute_scale_factor})
+        elif isinstance(m, nn.PixelShuffle):
+            _replace(gm, node, F.pixel_shuffle, (node.args[0], m.upscale_factor))
+        elif isinstance(m, nn.PixelUnshuffle):
+            _replace(gm, node, F.pixel_unshuffle, (node.args[0], m.downscale_factor))
+        elif isinstance(m, nn.ChannelShuffle):
+            _replace(gm, node, torch.channel_shuffle, (node.args[0], m.groups))
+        elif isinstance(m, nn.Unflatten):
+            _replace(gm, node, torch.unflatten, (node.args[0], m.dim, tuple(m.unflattened_size)))
+        elif isinstance(m, nn.Softmax):
+            _replace(gm, node, torch.softmax, (node.args[0], m.dim))
+
+
+_SPLITS = {torch.split: "split", torch.chunk: "chunk", torch.tensor_split: "tensor_split", torch.unbind: "unbind"}
+
+
+def _split_call(node: fx.Node) -> tuple[str, fx.Node, Any, int] | None:
+    """(how, tensor, spec, dim) of a split/chunk/tensor_split/unbind call in any spelling, or None."""
+    if node.op == "call_function" and node.target in _SPLITS:
+        how = _SPLITS[node.target]
+    elif node.op == "call_method" and node.target in _SPLITS.values():
+        how = node.target
+    else:
+        return None
+    if how == "unbind":
+        b = _bind(node, ("input", "dim"))
+        return how, b["input"], None, b["dim"] or 0
+    names = {"split": ("input", "split_size_or_sections", "dim"), "chunk": ("input", "chunks", "dim"),
+             "tensor_split": ("input", "indices_or_sections", "dim")}[how]
+    if node.op == "call_method" and how == "split":
+        names = ("input", "split_size", "dim")
+    b = _bind(node, names)
+    return how, b["input"], b[names[1]], b["dim"] or 0
+
+
+def unify_split(gm: fx.GraphModule) -> None:
+    """``x.split(...)[i]``, ``chunk``, ``tensor_split``, ``unbind`` -> ``split_item(x, how, spec, dim, i)``.
+
+    Every part becomes one tensor op (a routing op); only splits whose parts are all taken by
+    constant indices are rewritten.
+    """
+    for node in list(gm.graph.nodes):
+        found = _split_call(node)
+        if found is None or not node.users:
+            continue
+        users = list(node.users)
+        if not all(u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int)
+                   for u in users):
+            continue
+        how, x, spec, dim = found
+        for u in users:
+            _replace(gm, u, split_item, (x, how, spec, dim, u.args[1]))
+        gm.graph.erase_node(node)
+
+
+_SUB = {operator.sub, torch.sub, operator.isub}
+
+
+def unify_arithmetic(gm: fx.GraphModule) -> None:
+    """One spelling for linear arithmetic: ``a - b`` -> ``a + b * -1``, ``-a`` -> ``a * -1``, methods ->
+    functions (``x.mean`` -> ``torch.mean``, ``x.matmul``/``@``/``bmm`` -> ``torch.matmul``,
+    ``x.mul(c)``/``x.div(c)`` -> ``operator.mul``/``operator.truediv``), ``x * sigmoid(x)`` -> ``F.silu(x)``.
+    """
+    methods = {"mean": torch.mean, "sum": torch.sum, "matmul": torch.matmul, "bmm": torch.matmul,
+               "__matmul__": torch.matmul, "mul": operator.mul, "mul_": operator.mul, "div": operator.truediv,
+               "div_": operator.truediv, "__truediv__": operator.truediv, "neg": operator.neg}
+    for node in list(gm.graph.nodes):
+        if node.op == "call_method" and node.target in methods and not (
+                node.target.startswith("div") and "rounding_mode" in node.kwargs):
+            _replace(gm, node, methods[node.target], tuple(node.args), dict(node.kwargs))
+        elif node.op == "call_function" and node.target in (operator.matmul, torch.bmm, torch.mm):
+            _replace(gm, node, torch.matmul, tuple(node.args))
+        elif node.op == "call_function" and node.target in (torch.div, operator.itruediv) and \
+                "rounding_mode" not in node.kwargs and len(node.args) == 2:
+            _replace(gm, node, operator.truediv, tuple(node.args))
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in (operator.neg, torch.neg):
+            _replace(gm, node, operator.mul, (node.args[0], -1.0))
+        elif node.op == "call_function" and node.target in _SUB and len(node.args) == 2 and not node.kwargs:
+            a, b = node.args
+            if not isinstance(b, fx.Node):
+                _replace(gm, node, operator.add, (a, -b))
+                continue
+            with gm.graph.inserting_before(node):
+                negated = gm.graph.call_function(operator.mul, (b, -1.0))
+            _replace(gm, node, operator.add, (a, negated))
+        elif node.op == "call_function" and node.target is operator.mul and len(node.args) == 2:
+            a, b = node.args
+            for x, g in ((a, b), (b, a)):
+                if isinstance(g, fx.Node) and g.op == "call_function" and g.target is torch.sigmoid \
+                        and g.args[0] is x and len(g.users) == 1:
+                    _replace(gm, node, F.silu, (x,))
+                    gm.graph.erase_node(g)
+                    break
+
+
+def expand_attention(gm: fx.GraphModule) -> None:
+    """``F.scaled_dot_product_attention`` -> ``softmax(q @ k^T * scale + mask) @ v`` (explicit, so the
+    softmax can be held constant and the products get their rules)."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not F.scaled_dot_product_attention:
+            continue
+        b = _bind(node, ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"))
+        if b["is_causal"] or b["enable_gqa"]:
+            continue  # left for the unmatched report
+        q, k, v = b["query"], b["key"], b["value"]
+        g = gm.graph
+        with g.inserting_before(node):
+            kt = g.call_method("transpose", (k, -2, -1))
+            scores = g.call_function(torch.matmul, (q, kt))
+            if b["scale"] is None:
+                size = g.call_method("size", (q, -1))
+                scale = g.call_function(operator.pow, (size, -0.5))
+            else:
+                scale = b["scale"]
+            scores = g.call_function(operator.mul, (scores, scale))
+            if b["attn_mask"] is not None:
+                scores = g.call_function(operator.add, (scores, b["attn_mask"]))
+            probs = g.call_function(torch.softmax, (scores, -1))
+            out = g.call_function(torch.matmul, (probs, v))
+        node.replace_all_uses_with(out)
+        g.erase_node(node)
+
+
 
 PASSES: tuple[Callable[[fx.GraphModule], None], ...] = (
-    functional_layers_to_modules, drop_dropout_identity, unify_relu, unify_clamp, unify_gate_functions, unify_mul,
-    unify_cat, unify_add, unify_reshape, spatial_mean_to_pool, fold_batchnorm,
+    fold_constants, functional_layers_to_modules, drop_dropout_identity, expand_attention, unify_routing_modules,
+    unify_relu, unify_clamp, unify_gate_functions, unify_split, unify_arithmetic, unify_mul, unify_cat, unify_add,
+    unify_reshape, spatial_mean_to_pool, fold_batchnorm,
 )
 
 

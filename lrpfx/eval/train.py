@@ -1,6 +1,6 @@
 """Train a bundled model on the synthetic shapes dataset, on CPU.
 
-    python -m lrpfx.train --model resnet50_w16 --out lrpfx/weights/ --seed 0 --epochs 9 --threads 1
+    python -m lrpfx.eval.train --model resnet50_w16 --out lrpfx/eval/weights/ --seed 0 --epochs 9 --threads 1
 
 Every epoch draws ``--epoch-size`` *fresh* training images (indices continue from the
 previous epoch), so the model never sees an image twice and needs no augmentation; pass
@@ -23,15 +23,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lrpfx.datasets import CLASSES, MEAN, STD, generate_batch
-from lrpfx.models import ABNResNet, build, save_state
+from lrpfx.eval.datasets import CLASSES, MEAN, STD, generate_batch
+from lrpfx.eval.models import ABNResNet, build, save_state
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m lrpfx.train", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m lrpfx.eval.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="resnet50_w16", help="resnet50_w16, resnet18_w16, abn_resnet50_w16, ...")
-    p.add_argument("--out", default="lrpfx/weights/", help="folder for <model>.safetensors and <model>.json")
+    p.add_argument("--out", default="lrpfx/eval/weights/", help="folder for <model>.safetensors and <model>.json")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and of the data")
     p.add_argument("--epochs", type=int, default=9)
     p.add_argument("--epoch-size", type=int, default=12_800, help="training images per epoch")
@@ -107,7 +107,7 @@ def metadata(args: argparse.Namespace, accuracy: float, wall: float, log: list[d
         "name": args.model, "classes": list(CLASSES), "mean": list(MEAN), "std": list(STD),
         "image_size": args.size, "test_accuracy": accuracy,
         "test_set": {"split": "test", "n": args.test_size, "seed": args.seed},
-        "command": "python -m lrpfx.train " + " ".join(sys.argv[1:]), "seed": args.seed,
+        "command": "python -m lrpfx.eval.train " + " ".join(sys.argv[1:]), "seed": args.seed,
         "threads": args.threads, "wall_time_s": round(wall, 1), "epochs_run": len(log), "log": log,
         "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
     }

@@ -12,16 +12,12 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
-from lrpfx import blocks
+from lrpfx.compiler import blocks
 from lrpfx.errors import RuleSetError, TraceError
-from lrpfx.patterns import describe, gate_operands, get_pattern, op_kind
-from lrpfx.rules import Rule
-from lrpfx.ruleset import RuleSet
-
-
-def known_pattern(name: str) -> bool:
-    """Whether ``name`` is a registered single-op or block pattern."""
-    return get_pattern(name) is not None or name in blocks.BLOCK_PATTERNS
+from lrpfx.compiler.patterns import describe, gate_operands, get_pattern, op_kind
+from lrpfx.compiler.trace import describe_output, output_structure
+from lrpfx.relevance.rules import Rule
+from lrpfx.relevance.ruleset import RuleSet
 
 
 @dataclass
@@ -113,34 +109,11 @@ def relevance_inputs(node: fx.Node, kind: str | None, path: set[fx.Node]) -> lis
     elif kind == "gate":
         operands = gate_operands(node)
         args = [operands[0]] if operands is not None else []
-    elif kind is None:
+    elif kind is None or kind in ("routing", "linear_op", "product"):
         return [a for a in node.all_input_nodes if a in path]
     else:
         args = list(node.args[:1])
     return [a for a in args if isinstance(a, fx.Node) and a in path]
-
-
-def describe_output(result: object, gm: fx.GraphModule) -> str:
-    """A short description of a model's (traced) output structure: ``tuple of 2: [0] fc (Linear), [1] x``."""
-    def one(v: object) -> str:
-        if isinstance(v, fx.Node):
-            return f"{v.name} ({describe(v, gm)})" if v.op not in ("placeholder", "get_attr") else v.name
-        return type(v).__name__
-    if isinstance(result, dict):
-        items = ", ".join(f"{k!r}: {one(v)}" for k, v in result.items())
-        return f"dict with keys {list(result)} ({items})"
-    if isinstance(result, (tuple, list)):
-        items = ", ".join(f"[{i}] {one(v)}" for i, v in enumerate(result))
-        return f"{_structure(result)} of {len(result)}: {items}"
-    return one(result)
-
-
-def _structure(result: object) -> str:
-    """``tuple``, ``list`` or ``dict`` (fx stores outputs as its immutable subclasses), or a namedtuple's name."""
-    for base in (dict, list):
-        if isinstance(result, base):
-            return base.__name__
-    return type(result).__name__
 
 
 def _relevance_path(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> tuple[fx.Node, fx.Node, list[fx.Node]]:
@@ -157,14 +130,10 @@ def _relevance_path(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> tuple[fx.N
     result = out_node.args[0]
     if not isinstance(result, fx.Node):
         raise TraceError(
-            f"the model returns {_structure(result)} ({describe_output(result, gm)}); lrpfx explains a model "
+            f"the model returns {output_structure(result)} ({describe_output(result, gm)}); lrpfx explains a model "
             "that returns one tensor of class scores. Hint: wrap it so that it returns the class scores, or select "
             "them with lrpfx.compile(model, output=<index or key>).")
-    depends: set[fx.Node] = set()
-    for n in gm.graph.nodes:
-        if n.op == "placeholder" or any(a in depends for a in n.all_input_nodes):
-            if kinds.get(n) != "shape":
-                depends.add(n)
+    depends = _depends_on_input(gm, kinds)
     feeds: set[fx.Node] = set()
     stack = [result]
     while stack:
@@ -174,6 +143,39 @@ def _relevance_path(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> tuple[fx.N
         feeds.add(n)
         stack.extend(relevance_inputs(n, kinds.get(n), depends))
     return placeholders[0], result, [n for n in gm.graph.nodes if n in feeds]
+
+
+#: kinds through which a held value stays held (a reshaped or scaled softmax is still held)
+_HELD_THROUGH = frozenset({"routing", "reshape", "linear_op", "elementwise", "cat", "add", "held"})
+
+
+def _depends_on_input(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> set[fx.Node]:
+    """The nodes whose *value* depends on the input, excluding held values.
+
+    Shape arithmetic depends on the input's shape only. A held value (a softmax, and what only
+    reshapes, scales or routes held values) is a constant under the rule (CP-LRP): its kind
+    becomes ``held`` in ``kinds`` and it takes no relevance. A linear op on two input-dependent,
+    non-held values is a product of two activations: its kind becomes ``product``.
+    """
+    depends: set[fx.Node] = set()
+    held: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            depends.add(n)
+            continue
+        live = [a for a in n.all_input_nodes if a in depends or a in held]
+        kind = kinds.get(n)
+        if not live or kind == "shape":
+            continue
+        if kind == "held" or (kind in _HELD_THROUGH and all(a in held for a in live)):
+            held.add(n)
+            kinds[n] = "held"
+            continue
+        operands = [*n.args, *n.kwargs.values()]
+        if kind == "linear_op" and sum(isinstance(a, fx.Node) and a in depends for a in operands) > 1:
+            kinds[n] = "product"
+        depends.add(n)
+    return depends
 
 
 def plan(gm: fx.GraphModule, ruleset: RuleSet) -> Plan:
