@@ -52,6 +52,34 @@ def c3_sizes(explainer: fx.GraphModule) -> list[tuple[int, int] | None]:
             if n.op == "call_function" and n.target is c3_tensor]
 
 
+def minimum_input_size(explainer: torch.nn.Module, example_input: torch.Tensor) -> int:
+    """The smallest square side (<= the example's) at which the explainer runs, by bisection.
+
+    One random image per try, in eager mode; a network whose feature maps would shrink to
+    nothing (e.g. a VGG below 32 x 32) fails below its minimum with a shape error deep inside
+    a pooling or a convolution, which this turns into a number to name.
+    """
+    channels, hi = example_input.shape[1], int(min(example_input.shape[-2:]))
+    g = torch.Generator().manual_seed(0)
+
+    def runs(side: int) -> bool:
+        x = torch.randn(1, channels, side, side, generator=g, dtype=example_input.dtype).to(example_input.device)
+        try:
+            with torch.inference_mode():
+                explainer(x)
+        except (RuntimeError, ValueError, IndexError):
+            return False
+        return True
+
+    if runs(1):
+        return 1
+    lo = 1  # fails at lo, and (the caller checked the example) runs at hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if runs(mid) else (mid, hi)
+    return hi
+
+
 def _example_target(example_input: torch.Tensor) -> torch.Tensor:
     return torch.full((example_input.shape[0],), -1, dtype=torch.long, device=example_input.device)
 
@@ -66,13 +94,16 @@ def _dynamic_shapes(explainer: fx.GraphModule, example_input: torch.Tensor, *, t
         # the C3 selection runs at resize_to: the input must be at least that large for its
         # size to stay fixed (a smaller input would select at its own, dynamic, size)
         sizes = [s for s in c3_sizes(explainer) if s is not None]
-        lo_h = max([min_size or 1] + [s[0] for s in sizes])
-        lo_w = max([min_size or 1] + [s[1] for s in sizes])
+        if min_size is None:  # the network's own minimum: below it the program must not promise to run
+            min_size = minimum_input_size(explainer, example_input)
+        lo_h = max([min_size] + [s[0] for s in sizes])
+        lo_w = max([min_size] + [s[1] for s in sizes])
         h, w = example_input.shape[-2:]
         if h < lo_h or w < lo_w:
             raise ExportError(f"the example input is {h} x {w}, below the smallest size of the dynamic export "
-                              f"({lo_h} x {lo_w}: the C3 stage's resize_to, or min_size). Hint: pass an example of "
-                              f"at least {lo_h} x {lo_w}, or export with dynamic_size=False.")
+                              f"({lo_h} x {lo_w}: the network's minimum, the C3 stage's resize_to, or min_size). "
+                              f"Hint: pass an example of at least {lo_h} x {lo_w}, or export with "
+                              "dynamic_size=False.")
         # Dim.DYNAMIC, not a named Dim: shape checks that hold for every size but that the
         # symbolic solver cannot prove (e.g. output_padding >= 0) become runtime checks
         x[2] = torch.export.Dim.DYNAMIC(min=lo_h, max=max_size)
@@ -120,6 +151,7 @@ def export_program(explainer: fx.GraphModule, example_input: torch.Tensor, *, ta
     Raises:
         ExportError: with ``dynamic_size=True``, an op that only works at particular sizes.
     """
+    _check_example(explainer, example_input)
     if dynamic_size is None:
         try:
             return export_program(explainer, example_input, target_input=target_input, dynamic_batch=dynamic_batch,
@@ -146,6 +178,25 @@ def export_program(explainer: fx.GraphModule, example_input: torch.Tensor, *, ta
                               f"size {tuple(example_input.shape[-2:])}: {'; '.join(fixed)}. Hint: export with "
                               "dynamic_size=False (`lrpfx export --fixed-size`) for that size.")
     return program
+
+
+def _check_example(explainer: torch.nn.Module, example_input: torch.Tensor) -> None:
+    """An example too small for the network: an error naming the network's minimum size."""
+    try:
+        with torch.inference_mode():
+            explainer(example_input[:1])
+    except (RuntimeError, IndexError) as e:
+        h, w = example_input.shape[-2:]
+        bigger = example_input.new_zeros(1, example_input.shape[1], max(h, w, 32) * 8, max(h, w, 32) * 8)
+        try:
+            side = minimum_input_size(explainer, bigger)
+        except Exception:  # noqa: BLE001 - the probe itself failed: report the original error
+            raise e from None
+        if side > min(h, w):
+            raise ExportError(f"the example input is {h} x {w}, smaller than the smallest input this network takes "
+                              f"({side} x {side}). Hint: export with an example of at least {side} x {side}."
+                              ) from e
+        raise
 
 
 def _warn_fixed(e: ExportError, example_input: torch.Tensor) -> None:

@@ -2,6 +2,9 @@
 both backends across sizes and targets, maps smaller than the target, and the compiled stage."""
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
@@ -198,3 +201,49 @@ def test_compiled_c3_runs_at_any_size_with_the_reference_masks(resnet18, shape) 
 def test_bad_resize_to_fails_at_compile_time(resnet18, resize_to) -> None:
     with pytest.raises(ValueError, match=r"resize_to=.* must be None or \(height, width\) with positive ints"):
         lrpfx.compile(resnet18, "c3_lrp", c3={"resize_to": resize_to})
+
+
+# ----------------------------------------------------------------------------- the command line
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Five photos of five sizes, three of them non-square."""
+    from PIL import Image
+    root = tmp_path_factory.mktemp("photos")
+    g = np.random.default_rng(0)
+    for i, (h, w) in enumerate([(64, 64), (480, 640), (333, 500), (97, 50), (224, 224)]):
+        Image.fromarray(g.integers(0, 255, (h, w, 3), dtype=np.uint8), "RGB").save(root / f"photo{i}.png")
+    return root
+
+
+def test_cli_explain_with_c3_on_photos_of_mixed_sizes(photos: Path, tmp_path: Path) -> None:
+    """The bundled 64 px model: C3 at the rule set's (28, 28), a non-integer shrink of 64."""
+    from lrpfx.cli import commands
+    out = tmp_path / "out"
+    assert commands.main(["explain", str(photos), "--model", "bundled", "--rules", "c3_lrp", "--c3", "--out",
+                          str(out), "--batch-size", "2", "--workers", "0", "--quiet"]) == 0
+    masks = sorted(out.rglob("*.c3mask.npy"))
+    assert len(masks) == 5
+    for path in masks:
+        mask = np.load(path)
+        assert mask.shape == (64, 64) and mask.dtype == bool and 0 < mask.sum() < mask.size
+        relevance = np.load(str(path).replace(".c3mask.npy", ".relevance.npy"))
+        expected = c3_opencv(relevance[None], C3Config(**lrpfx.RuleSet.builtin("c3_lrp").c3)).mask_full[0]
+        assert np.array_equal(mask, expected)
+
+
+def test_cli_export_with_c3_runs_at_any_size_with_targets(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`lrpfx export bundled --c3`: a torch.export program with the target input (-1: predicted)."""
+    from lrpfx.cli import commands
+    from lrpfx.cli.loading import load_model
+    path = tmp_path / "explainer.pt2"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a size-fixing op, if any, is named in a warning
+        assert commands.main(["export", "bundled", "--rules", "c3_lrp", "--c3", "--format", "torch-export",
+                              "--out", str(path)]) == 0
+    assert "inputs: x, target" in capsys.readouterr().out
+    program = torch.export.load(str(path)).module()
+    explainer = lrpfx.compile(load_model("bundled").model, "c3_lrp", c3=True)
+    x, target = torch.randn(3, 3, 64, 64), torch.tensor([-1, 0, -1])
+    ours, exported = explainer(x, target), program(x, target)
+    assert ((exported[0] - ours[0]).norm() / ours[0].norm()).item() <= 1e-5
+    assert torch.equal(exported[3], ours[3])

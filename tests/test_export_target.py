@@ -102,6 +102,24 @@ def test_dynamic_size_example_smaller_than_resize_to(maxpool_model) -> None:
         lrpfx.export_program(explainer, torch.randn(1, 3, 20, 20), dynamic_size=True)
 
 
+def test_example_smaller_than_the_network_minimum_names_the_minimum() -> None:
+    """Three unpadded 2 x 2 max-pools: the network takes nothing below 8 x 8."""
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = []
+    for c_in in (3, 4, 4):
+        layers += [torch.nn.Conv2d(c_in, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2)]
+    model = torch.nn.Sequential(*layers, torch.nn.AdaptiveMaxPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 10))
+    explainer = lrpfx.compile(model.eval(), "epsilon_plus_flat")
+    assert lrpfx.export.minimum_input_size(explainer, torch.randn(1, 3, 64, 64)) == 8
+    with pytest.raises(ExportError, match=r"example input is 4 x 4, smaller than the smallest input this network "
+                                          r"takes \(8 x 8\)"):
+        lrpfx.export_program(explainer, torch.randn(2, 3, 4, 4))
+    program = lrpfx.export_program(explainer, torch.randn(2, 3, 16, 16), dynamic_size=True)
+    # torch.export assumes a dynamic size is never 1: every feature map must stay at least 2 wide
+    x = torch.randn(2, 3, 16, 24)
+    assert rel_err(program.module()(x, MIXED[:2])[0], explainer(x, MIXED[:2])[0]) <= 1e-5
+
+
 ort = pytest.importorskip("onnxruntime")
 
 
