@@ -208,7 +208,9 @@ def selection_size(native: tuple[int, int], resize_to: tuple[int, int] | None) -
     """
     if resize_to is None:
         return native
-    return (min(native[0], resize_to[0]), min(native[1], resize_to[1]))
+    # not min(): with a symbolic (dynamic) size at least resize_to this returns resize_to's int
+    return (native[0] if native[0] < resize_to[0] else resize_to[0],
+            native[1] if native[1] < resize_to[1] else resize_to[1])
 
 
 def area_scale_factor(src: int, dst: int) -> float:

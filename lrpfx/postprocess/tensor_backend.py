@@ -70,7 +70,8 @@ def c3_tensor(relevance: torch.Tensor, *, pool: str = "sum", positive_only: bool
             f"C3 with resize_to={cfg.resize_to} runs its selection at the input's dynamic size: the labelling "
             "(lrpfx.postprocess.labeling.connected_components) runs a number of rounds fixed by the map size, "
             "so it cannot take a dynamic height or width. Hint: export with a fixed size (dynamic_size=False, "
-            "`lrpfx export --fixed-size`), or set resize_to, e.g. (28, 28), and a minimum size at least that large.")
+            "`lrpfx export --fixed-size`), or set resize_to, e.g. (28, 28), and export with a minimum height and "
+            "width (min_size) of at least resize_to.")
     mask = select(low, cfg) & valid.view(-1, 1, 1)
     dtype = relevance.dtype if relevance.is_floating_point() else _F64
     if cfg.output == "masked_low_res":
