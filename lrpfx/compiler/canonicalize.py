@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lrpfx.compiler.patterns import BATCHNORM_TYPES, CONV_TYPES, LINEAR_TYPES, is_shape
+from lrpfx.compiler.optable import ELEMENTWISE_FUNCTIONS, ELEMENTWISE_MODULES
 from lrpfx.relevance.adjoints import split_item
 
 DROP_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
@@ -93,7 +94,8 @@ def _mutates_input(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 #: the position of ``inplace`` in functional activations' signatures
-_INPLACE_POSITION = {"relu": 1, "relu6": 1, "hardsigmoid": 1, "hardtanh": 3, "silu": 1, "elu": 2, "leaky_relu": 2}
+_INPLACE_POSITION = {"relu": 1, "relu6": 1, "hardsigmoid": 1, "hardtanh": 3, "silu": 1, "elu": 2, "leaky_relu": 2,
+                     "hardswish": 1, "mish": 1, "celu": 2, "selu": 1}
 
 
 def _later_users(value: fx.Node, node: fx.Node) -> list[fx.Node]:
@@ -648,9 +650,84 @@ def expand_attention(gm: fx.GraphModule) -> None:
 
 
 
+def expand_multihead_attention(gm: fx.GraphModule) -> None:
+    """``nn.MultiheadAttention`` (self-attention, no masks, weights unused) -> its explicit ops.
+
+    In-projections become three ``nn.Linear`` submodules (slices of ``in_proj_weight``), then
+    heads, ``softmax(q @ k^T / sqrt(d)) @ v`` and the module's own ``out_proj``: the softmax can
+    be held and each product gets its rule. Other uses stay one call, reported unmatched.
+    """
+    for node in list(gm.graph.nodes):
+        m = _module(gm, node)
+        if not isinstance(m, nn.MultiheadAttention) or not _plain_self_attention(node, m):
+            continue
+        g = gm.graph
+        x = node.args[0] if node.args else node.kwargs["query"]
+        names = []
+        for i, part in enumerate("qkv"):
+            lin = nn.Linear(m.embed_dim, m.embed_dim, bias=m.in_proj_bias is not None)
+            rows = slice(i * m.embed_dim, (i + 1) * m.embed_dim)
+            lin.weight = nn.Parameter(m.in_proj_weight.detach()[rows].clone(), requires_grad=False)
+            if m.in_proj_bias is not None:
+                lin.bias = nn.Parameter(m.in_proj_bias.detach()[rows].clone(), requires_grad=False)
+            names.append(f"{node.target}.{part}_proj")
+            gm.add_submodule(names[-1], lin)
+        heads, dim = m.num_heads, m.embed_dim // m.num_heads
+        with g.inserting_before(node):
+            seq = x if m.batch_first else g.call_method("transpose", (x, 0, 1))
+            n, length = g.call_method("size", (seq, 0)), g.call_method("size", (seq, 1))
+            q, k, v = (g.call_method("transpose", (g.call_method("reshape", (g.call_module(name, (seq,)), n, length,
+                                                                            heads, dim)), 1, 2)) for name in names)
+            scores = g.call_function(operator.mul, (g.call_function(torch.matmul, (
+                q, g.call_method("transpose", (k, -2, -1)))), float(dim) ** -0.5))
+            probs = g.call_function(torch.softmax, (scores, -1))
+            heads_out = g.call_method("transpose", (g.call_function(torch.matmul, (probs, v)), 1, 2))
+            out = g.call_module(f"{node.target}.out_proj", (g.call_method("reshape", (heads_out, n, length,
+                                                                                      m.embed_dim)),))
+            if not m.batch_first:
+                out = g.call_method("transpose", (out, 0, 1))
+        for user in list(node.users):
+            if user.args[1] == 0:
+                user.replace_all_uses_with(out)
+            g.erase_node(user)
+        g.erase_node(node)
+
+
+def _plain_self_attention(node: fx.Node, m: nn.MultiheadAttention) -> bool:
+    """Self-attention (query is key is value), no masks, only ``output[0]`` used, packed in-projection."""
+    b = _bind(node, ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
+                     "average_attn_weights", "is_causal"))
+    same = b["query"] is b["key"] is b["value"]
+    plain = b["key_padding_mask"] is None and b["attn_mask"] is None and not b["is_causal"]
+    packed = m._qkv_same_embed_dim and m.bias_k is None and not m.add_zero_attn
+    used = all(u.op == "call_function" and u.target is operator.getitem and (u.args[1] == 0 or not u.users)
+               for u in node.users)
+    return same and plain and packed and used
+
+
+def out_of_place_activations(gm: fx.GraphModule) -> None:
+    """Activations written in place (``nn.SiLU(inplace=True)``, ``F.hardswish(x, inplace=True)``) -> out of place.
+
+    The rules of the layer before an activation read its output (z); an in-place activation
+    would overwrite it. Later readers of the mutated tensor are redirected to the result.
+    """
+    for node in list(gm.graph.nodes):
+        m = _module(gm, node)
+        if m is not None and isinstance(m, ELEMENTWISE_MODULES) and getattr(m, "inplace", False):
+            x = node.args[0]
+            for user in _later_users(x, node):
+                user.replace_input_with(x, node)
+            m.inplace = False  # the traced copy's module, never the user's
+        elif node.op == "call_function" and node.target in ELEMENTWISE_FUNCTIONS and _mutates_input(gm, node):
+            position = _INPLACE_POSITION.get(node.target.__name__)
+            args = tuple(a for i, a in enumerate(node.args) if i != position)
+            _replace(gm, node, node.target, args, {k: v for k, v in node.kwargs.items() if k != "inplace"})
+
+
 PASSES: tuple[Callable[[fx.GraphModule], None], ...] = (
-    fold_constants, functional_layers_to_modules, drop_dropout_identity, expand_attention, unify_routing_modules,
-    unify_relu, unify_clamp, unify_gate_functions, unify_split, unify_arithmetic, unify_mul, unify_cat, unify_add,
+    fold_constants, functional_layers_to_modules, drop_dropout_identity, expand_multihead_attention,
+    expand_attention, unify_routing_modules,
+    out_of_place_activations, unify_relu, unify_clamp, unify_gate_functions, unify_split, unify_arithmetic, unify_mul, unify_cat, unify_add,
     unify_reshape, spatial_mean_to_pool, fold_batchnorm,
 )
 

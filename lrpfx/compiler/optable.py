@@ -41,6 +41,15 @@ import torch.nn.functional as F
 from lrpfx.errors import RegistryError
 from lrpfx.relevance.adjoints import split_item
 
+def _torchvision_routing() -> tuple[Callable, ...]:
+    """torchvision's fx-wrapped functions that only move elements (Swin's patch-merging pad and slicing)."""
+    try:
+        from torchvision.models import swin_transformer
+    except ImportError:  # pragma: no cover - torchvision is a core dependency
+        return ()
+    return (swin_transformer._patch_merging_pad,)
+
+
 #: the op classes a user can declare an op as
 OP_CLASSES: tuple[str, ...] = ("routing", "linear_op", "elementwise", "norm", "held", "shape")
 
@@ -49,6 +58,7 @@ ROUTING_FUNCTIONS: set[Callable] = {
     torch.select, torch.stack, torch.t, torch.unflatten, torch.tile, torch.index_select, torch.gather,
     torch.take_along_dim, torch.repeat_interleave, torch.squeeze, torch.unsqueeze, F.pad, F.pixel_shuffle,
     F.pixel_unshuffle, torch.channel_shuffle, operator.getitem, split_item, torch.clone,
+    *_torchvision_routing(),
 }
 ROUTING_METHODS: set[str] = {
     "permute", "transpose", "swapaxes", "movedim", "contiguous", "expand", "expand_as", "repeat", "roll", "flip",
@@ -57,7 +67,7 @@ ROUTING_METHODS: set[str] = {
 }
 LINEAR_FUNCTIONS: set[Callable] = {
     operator.mul, torch.mul, operator.truediv, torch.div, operator.neg, torch.neg, operator.matmul,
-    torch.matmul, torch.bmm, torch.mm, torch.mean, torch.sum,
+    torch.matmul, torch.bmm, torch.mm, torch.mean, torch.sum, torch.einsum,
 }
 ELEMENTWISE_FUNCTIONS: set[Callable] = {
     F.gelu, F.silu, F.hardswish, F.mish, F.elu, F.leaky_relu, torch.tanh, F.tanh, F.softplus, F.selu, F.celu,

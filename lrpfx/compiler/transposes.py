@@ -102,6 +102,11 @@ def _linear(node: fx.Node, inputs: list[fx.Node], env: dict[fx.Node, Any]) -> Tr
             return lambda s: Call(adjoints.matmul_right, (s, ea, other))
         other = value(node.args[0])
         return lambda s: Call(adjoints.matmul_left, (s, ea, other))
+    if target is torch.einsum:
+        equation, *operands = node.args
+        k = operands.index(a)
+        others = [value(o) for o in operands]
+        return lambda s: Call(adjoints.einsum_operand, (s, equation, k, *others))
     if target in (torch.mean, torch.sum):
         b = _bound(node, ("input", "dim", "keepdim"))
         dim, keepdim = b.get("dim"), bool(b.get("keepdim", False))

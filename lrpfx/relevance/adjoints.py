@@ -134,6 +134,19 @@ def matmul_left(s: torch.Tensor, a: torch.Tensor, other: torch.Tensor) -> torch.
     return sum_to(other.transpose(-1, -2) @ s, a.shape)
 
 
+def einsum_operand(s: torch.Tensor, equation: str, k: int, *operands: torch.Tensor) -> torch.Tensor:
+    """Transpose of z = einsum(equation, *operands) in operand ``k`` (the others constant or held).
+
+    ``einsum(other operands' subscripts, output subscripts -> operand k's subscripts)``; exact when
+    every index of operand k appears in the output or in another operand (no diagonal, no ellipsis).
+    """
+    lhs, out = equation.replace(" ", "").split("->")
+    subs = lhs.split(",")
+    others = [(subs[i], operands[i]) for i in range(len(operands)) if i != k]
+    spec = ",".join([sub for sub, _ in others] + [out]) + "->" + subs[k]
+    return torch.einsum(spec, *[t for _, t in others], s)
+
+
 def interpolate_linear(s: torch.Tensor, a: torch.Tensor, size: Any = None, scale_factor: Any = None,
                        mode: str = "bilinear", align_corners: bool | None = None,
                        recompute_scale_factor: bool | None = None, antialias: bool = False) -> torch.Tensor:
