@@ -381,7 +381,7 @@ def ratio_adaptive_avgpool2d(c: torch.Tensor, a: torch.Tensor, z: torch.Tensor) 
     """L^T c for adaptive average pooling L (any output size); global pooling broadcasts."""
     (h, w), (oh, ow) = a.shape[-2:], z.shape[-2:]
     if oh == 1 and ow == 1:  # global pooling, the common case: a broadcast
-        return (c / float(h * w)).expand(a.shape)
+        return (c / (h * w)).expand(a.shape)
     ph, pw = _adaptive_matrix(h, oh, a), _adaptive_matrix(w, ow, a)
     return ph.t() @ c @ pw
 
