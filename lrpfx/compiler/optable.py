@@ -31,6 +31,7 @@ A user declares their own op in one line::
 from __future__ import annotations
 
 import operator
+import sys
 from collections.abc import Callable
 
 import torch
@@ -122,6 +123,23 @@ def unregister_op(op: Callable | type | str) -> None:
         table.pop(op, None)  # type: ignore[call-overload]
 
 
+def wrapped_functions() -> tuple[Callable, ...]:
+    """Functions fx should keep as single calls (not trace into): every declared function, and the
+    routing helpers of libraries already imported (timm's ``pad_same``, whose padding is computed
+    from the input's size with Python arithmetic fx cannot trace)."""
+    found: list[Callable] = list(_USER_FUNCTIONS)
+    timm_padding = sys.modules.get("timm.layers.padding")
+    if timm_padding is not None and hasattr(timm_padding, "pad_same"):
+        found.append(timm_padding.pad_same)
+    return tuple(found)
+
+
+def _library_routing(target: Callable) -> bool:
+    """A routing helper of a library (see :func:`wrapped_functions`)."""
+    timm_padding = sys.modules.get("timm.layers.padding")
+    return timm_padding is not None and target is getattr(timm_padding, "pad_same", None)
+
+
 def user_module_types() -> tuple[type, ...]:
     """Module types a user declared: fx keeps them as single calls (leaf modules)."""
     return tuple(_USER_MODULES)
@@ -146,6 +164,8 @@ def table_kind(node: fx.Node, module: nn.Module | None) -> str | None:
             return _USER_FUNCTIONS[target]
         if target is F.interpolate:
             return _interpolate_kind(node)
+        if _library_routing(target):
+            return "routing"
         for table, kind in ((ROUTING_FUNCTIONS, "routing"), (LINEAR_FUNCTIONS, "linear_op"),
                             (ELEMENTWISE_FUNCTIONS, "elementwise"), (HELD_FUNCTIONS, "held")):
             if target in table:

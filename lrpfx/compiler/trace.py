@@ -7,6 +7,7 @@ from collections.abc import Hashable, Iterable
 import torch
 import torch.fx as fx
 
+from lrpfx.compiler.optable import wrapped_functions
 from lrpfx.compiler.patterns import describe
 from lrpfx.errors import TraceError, TrainModeError
 
@@ -19,7 +20,7 @@ class _LeafTracer(fx.Tracer):
     """fx's tracer, with user-given leaf modules (by type or by qualified name)."""
 
     def __init__(self, leaves: Iterable[LeafSpec]) -> None:
-        super().__init__()
+        super().__init__(autowrap_functions=wrapped_functions())
         leaves = tuple(leaves)
         self._leaf_types = tuple(x for x in leaves if isinstance(x, type))
         self._leaf_names = {x for x in leaves if isinstance(x, str)}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -96,6 +97,10 @@ _LEAVES = (nn.MultiheadAttention, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm) + _ACT
 
 
 class _Tracer(fx.Tracer):
+    def __init__(self) -> None:
+        padding = sys.modules.get("timm.layers.padding")  # timm's size-dependent padding: one call
+        super().__init__(autowrap_functions=(padding.pad_same,) if padding is not None else ())
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if type(m) in _LEAVES or isinstance(m, nn.modules.instancenorm._InstanceNorm):
             return True  # exact types: a subclass (torchvision's LayerNorm2d) may permute around the norm

@@ -93,6 +93,11 @@ def sum_to(t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return t.sum_to_size(shape) if tuple(t.shape) != tuple(shape) else t
 
 
+def sum_like(t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``t`` summed to ``a``'s shape (the adjoint of broadcasting ``a``)."""
+    return sum_to(t, a.shape)
+
+
 def times(s: torch.Tensor, a: torch.Tensor, factor: Any) -> torch.Tensor:
     """Transpose of z = a * factor (factor a constant or a held value): ``sum_to(s * factor)``."""
     return sum_to(s * factor, a.shape)

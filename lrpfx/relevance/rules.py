@@ -147,7 +147,8 @@ class Epsilon(Rule):
         if op.kind == "adaptive_avgpool":
             return (Call(kernels.adaptive_avgpool2d, (a, op.out, op.rel), {"eps": self.eps}),)
         factor = Call(kernels.add_split, (op.out, op.rel), {"eps": self.eps})
-        return tuple(Call(operator.mul, (h, factor)) for h in op.inputs)
+        # a summand broadcast to the sum's shape (a global-context add) takes the sum of its shares
+        return tuple(Call(adjoints.times, (factor, h, h)) for h in op.inputs)
 
     def ratio_kinds(self) -> frozenset[str]:
         # R_in = a * T(R / z) is a * T(c): exact when no stabilizer and no dropped bias changes z
@@ -166,7 +167,7 @@ class Epsilon(Rule):
             return (Call(kernels.ratio_avgpool, (op.rel, op.inputs[0], op.out), pool),)
         if op.kind == "adaptive_avgpool":
             return (Call(kernels.ratio_adaptive_avgpool2d, (op.rel, op.inputs[0], op.out)),)
-        return tuple(Call(kernels.reshape_as, (op.rel, h)) for h in op.inputs)  # add: every summand keeps c
+        return tuple(Call(adjoints.sum_like, (op.rel, h)) for h in op.inputs)  # add: every summand keeps c
 
 
 @dataclass(frozen=True)
