@@ -54,7 +54,7 @@ def _pattern_name(key: str | type) -> str:
                            "Hint: see lrpfx.registered_patterns(), or bind by type, e.g. {MyLayer: rule}.")
     name = f"module:{key.__module__}.{key.__qualname__}"
     if get_pattern(name) is None:
-        register_pattern(Pattern(name, module_types=(key,), doc=f"calls of {key.__qualname__} modules"))
+        register_pattern(Pattern(name, module_types=(key,), doc=f"calls of {key.__qualname__} modules", kind="module"))
     return name
 
 

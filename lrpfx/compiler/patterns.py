@@ -131,6 +131,8 @@ class Pattern:
     doc: str = ""
     module_types: tuple[type, ...] = ()
     functions: tuple[Callable, ...] = ()
+    #: the kind of a matched module call the op table does not know (default: the pattern's name)
+    kind: str | None = None
 
     def matches(self, node: fx.Node, kinds: dict[fx.Node, str], gm: fx.GraphModule | None = None) -> bool:
         """Whether ``node`` (whose kinds are in ``kinds``) is an instance of this pattern."""
@@ -144,7 +146,7 @@ class Pattern:
             return kinds[node]
         if self.module_types and node.op == "call_module" and gm is not None \
                 and isinstance(gm.get_submodule(node.target), self.module_types):
-            return self.name
+            return kinds.get(node) or self.kind or self.name
         if self.functions and node.op == "call_function" and node.target in self.functions:
             return self.name
         return None

@@ -31,11 +31,14 @@ from lrpfx.eval import metrics
 
 @dataclass
 class MethodOutput:
-    """A method's maps (N, H, W) at image resolution, its attended region, and its conservation."""
+    """A method's maps (N, H, W) at image resolution, its conservation (LRP rows), the raw
+    relevance (N, C, H, W) where the C3 stage should pool it itself, and the C3 mask of a
+    "+ C3" row (kept for the "C3 mask alone" control; no metric reads it)."""
 
     maps: torch.Tensor
-    attended: torch.Tensor | None = None
     conservation: torch.Tensor | None = None
+    raw: torch.Tensor | None = None
+    c3_mask: torch.Tensor | None = None
 
 
 Method = Callable[["Models", torch.Tensor, torch.Tensor], MethodOutput]
@@ -74,21 +77,52 @@ def inference_model(model: nn.Module, example: torch.Tensor, tol: float = 1e-4) 
     return fast
 
 
-def _lrp(rules: str, c3: bool = False, heat: int | None = None) -> Method:
+def c3_options(rank: str = "mass") -> dict[str, Any]:
+    """The C3 options of every "+ C3" row: the ``c3_lrp`` rule set's ``[c3]`` section (mean
+    threshold, 28 x 28 selection, ...) with the ranking preset ``rank`` ("mass" or
+    "opencv_order", see :class:`lrpfx.postprocess.C3Config`)."""
+    options = {k: (tuple(v) if isinstance(v, list) else v) for k, v in lrpfx.RuleSet.ensure("c3_lrp").c3.items()}
+    options.pop("contour_rank", None)
+    options.pop("component_rank", None)
+    return {**options, "rank": rank}
+
+
+def apply_c3(relevance: torch.Tensor, rank: str = "mass") -> tuple[torch.Tensor, torch.Tensor]:
+    """The C3 stage (tensor backend, the same one ``lrpfx.compile(..., c3=True)`` appends) on
+    any map (N, H, W) or relevance (N, C, H, W): ``(c3_map, mask)`` at the input resolution."""
+    from lrpfx.postprocess.tensor_backend import c3_tensor
+    return c3_tensor(relevance.double(), **c3_options(rank))
+
+
+def _lrp(rules: str, heat: int | None = None) -> Method:
     def run(models: Models, x: torch.Tensor, target: torch.Tensor) -> MethodOutput:
-        explainer = lrpfx.compile(models.model, rules, c3=c3)  # the rule set's [c3] options, any image size
+        explainer = lrpfx.compile(models.model, rules)
         with torch.inference_mode():
             out = explainer(x, target)
         relevance, logits = out[0], out[1]
         top = logits.softmax(1) if explainer_top(rules) == "softmax" else logits
         conservation = relevance.flatten(1).sum(1) / top.gather(1, target[:, None]).squeeze(1)
-        if c3:
-            return MethodOutput(out[2].float(), out[3], conservation)
         maps = relevance.sum(1)
         if heat:
             from lrpfx.postprocess import heat_quantize
             maps = heat_quantize(maps, heat)
-        return MethodOutput(maps, None, conservation)
+        return MethodOutput(maps, conservation, raw=relevance)
+    return run
+
+
+def _plus_c3(base: Method, rank: str = "mass") -> Method:
+    """``base`` followed by the C3 stage: the same stage for LRP, Grad-CAM, Input x Gradient."""
+    def run(models: Models, x: torch.Tensor, target: torch.Tensor) -> MethodOutput:
+        out = base(models, x, target)
+        c3_map, mask = apply_c3(out.raw if out.raw is not None else out.maps, rank)
+        return MethodOutput(c3_map.float(), out.conservation, c3_mask=mask)
+    return run
+
+
+def _mask_only(base: Method) -> Method:
+    """The binary C3 mask of a "+ C3" row as the map (a control: the region without its relevance)."""
+    def run(models: Models, x: torch.Tensor, target: torch.Tensor) -> MethodOutput:
+        return MethodOutput(base(models, x, target).c3_mask.float())
     return run
 
 
@@ -135,45 +169,98 @@ def _rise(n_masks: int) -> Method:
 
 
 def _abn(models: Models, x: torch.Tensor, target: torch.Tensor) -> MethodOutput:
-    from lrpfx.eval.models import load_bundled
-    abn = load_bundled("abn_resnet50_w16")
+    """ABN's attention map; ``models`` is the ABN model itself (its own block of the table)."""
     with torch.no_grad():
-        return MethodOutput(abn.attention(x).reshape(x.shape[0], *x.shape[-2:]).float())
+        return MethodOutput(models.model.attention(x).reshape(x.shape[0], *x.shape[-2:]).float())
+
+
+def gaussian_blob(n: int, size: tuple[int, int], sigma: float = 0.25) -> torch.Tensor:
+    """The content-free control: a centred isotropic Gaussian, std ``sigma`` x the image width."""
+    h, w = size
+    yy = torch.arange(h, dtype=torch.float64)[:, None] - (h - 1) / 2
+    xx = torch.arange(w, dtype=torch.float64)[None] - (w - 1) / 2
+    g = torch.exp(-(yy ** 2 + xx ** 2) / (2 * (sigma * w) ** 2))
+    return g.float().expand(n, h, w).clone()
+
+
+C3_DEFAULT = "C3-LRP (c3_lrp + C3, rank=mass)"
+C3_LITERAL = "C3-LRP (c3_lrp + C3, rank=opencv_order)"
+BLOB = "Centred Gaussian blob (content-free)"
+CONTROLS = ("C3 mask alone (binary, rank=mass)", "Ground-truth mask", "Random map", BLOB)
 
 
 def methods(n_masks: int) -> dict[str, Method]:
-    """The compared methods, in table order."""
+    """The compared methods of the main block (the ResNet), in table order; the controls
+    that need the images' masks are added by ``evaluate``."""
+    lrp = _lrp("epsilon_plus_flat")
     return {
-        "C3-LRP (c3_lrp + C3)": _lrp("c3_lrp", c3=True),
+        C3_DEFAULT: _plus_c3(_lrp("c3_lrp"), "mass"),
+        C3_LITERAL: _plus_c3(_lrp("c3_lrp"), "opencv_order"),
         "ECCV 2024 + HQ (eccv2024)": _lrp("eccv2024", heat=8),
         "ECCV 2024 (eccv2024, no HQ)": _lrp("eccv2024"),
-        "LRP (epsilon_plus_flat)": _lrp("epsilon_plus_flat"),
+        "LRP (epsilon_plus_flat)": lrp,
+        "LRP (epsilon_plus_flat) + C3": _plus_c3(lrp, "mass"),
         "Grad-CAM": _cam("gradcam"),
+        "Grad-CAM + C3": _plus_c3(_cam("gradcam"), "mass"),
         "Score-CAM": _cam("scorecam"),
         "Input x Gradient": _captum("ixg"),
+        "Input x Gradient + C3": _plus_c3(_captum("ixg"), "mass"),
         "Integrated Gradients": _captum("ig"),
         "Guided Backprop": _captum("gbp"),
         f"RISE ({n_masks} masks)": _rise(n_masks),
-        "ABN (attention map)": _abn,
+        CONTROLS[0]: _mask_only(_plus_c3(_lrp("c3_lrp"), "mass")),
     }
 
 
-def score(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, masks: torch.Tensor, out: MethodOutput,
-          mean: tuple[float, ...], std: tuple[float, ...], points: int = 100) -> dict[str, torch.Tensor | list[str]]:
-    """Per-image metrics of one method's maps; ``points`` sets the insertion/deletion step to N / points.
+ABN_ROWS = ("ABN attention [ABN model]", "Centred Gaussian blob [ABN model]", "Ground-truth mask [ABN model]")
+THRESHOLDS = (0.3, 0.5, 0.7)
+"""p0 = c0 of the IA/OA/WA labels, swept (METHOD_SPEC §5.4 uses 0.5; nothing calibrates it)."""
 
-    ``model`` only runs forward passes here (pass ``Models.fast``).
+
+def score(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, masks: torch.Tensor, out: MethodOutput,
+          mean: tuple[float, ...], std: tuple[float, ...], points: int = 100, tie_seeds: tuple[int, ...] = (0, 1, 2, 3, 4),
+          index_offset: int = 0) -> dict[str, Any]:
+    """Per-image metrics of one method's maps, the same for every method.
+
+    ``points`` sets the insertion/deletion step to N / points. Insertion/deletion twice: the
+    ECCV protocol as published (ties enter together) and the tie-robust headline (ties in a
+    random order, averaged over ``tie_seeds``; a map without ties scores the same in both, so
+    those images run once). ``model`` only runs forward passes here (pass ``Models.fast``).
     """
     maps = out.maps
     step = max(1, round(maps.shape[-1] * maps.shape[-2] / points))
-    insdel = metrics.insertion_deletion(model, x, maps, target, protocol="eccv_patch", step=step, mean=mean, std=std)
-    per = {"Ins": insdel.insertion, "Del": insdel.deletion, "ID": insdel.id_score,
-           "Pointing": metrics.pointing_game(maps, masks, tolerance=max(1.0, 15 * x.shape[-1] / 224)).float(),
-           "RMA": metrics.relevance_mass_accuracy(maps, masks), "RRA": metrics.relevance_rank_accuracy(maps, masks),
-           "IoU": metrics.attended_iou(maps, masks, out.attended)}
+    kw = dict(protocol="eccv_patch", step=step, mean=mean, std=std)
+    eccv = metrics.insertion_deletion(model, x, maps, target, **kw)
+    flat = maps.flatten(1).double()
+    tied = torch.tensor([len(torch.unique(r)) < len(r) for r in flat])
+    s = len(tie_seeds)
+    ins_s = eccv.insertion.expand(s, -1).clone()
+    del_s = eccv.deletion.expand(s, -1).clone()
+    if tied.any():
+        idx = tied.nonzero()[:, 0]
+        part = []
+        for i in idx.tolist():  # one image at a time keeps each image's tie generator index
+            part.append(metrics.insertion_deletion(model, x[i:i + 1], maps[i:i + 1], target[i:i + 1], ties="random",
+                                                   seeds=tie_seeds, index_offset=index_offset + i, **kw))
+        ins_s[:, idx] = torch.cat([p.insertion_per_seed for p in part], 1)
+        del_s[:, idx] = torch.cat([p.deletion_per_seed for p in part], 1)
+    tol = max(1.0, 15 * x.shape[-1] / 224)
+    per: dict[str, Any] = {
+        "ID": (ins_s - del_s).mean(0), "Ins": ins_s.mean(0), "Del": del_s.mean(0),
+        "ID (ECCV)": eccv.id_score, "Ins (ECCV)": eccv.insertion, "Del (ECCV)": eccv.deletion,
+        "Pointing": metrics.pointing_game(maps, masks, tolerance=0, ties="any").float(),
+        "Pointing (tol)": metrics.pointing_game(maps, masks, tolerance=tol).float(),
+        "RMA": metrics.relevance_mass_accuracy(maps, masks), "RRA": metrics.relevance_rank_accuracy(maps, masks),
+        "RMA (signed)": metrics.relevance_mass_accuracy(maps, masks, "sum"),
+        "RRA (signed)": metrics.relevance_rank_accuracy(maps, masks, "sum"),
+        "IoU": metrics.attended_iou(maps, masks),
+        "tied": tied.double(),
+    }
     if out.conservation is not None:
         per["sum R / top"] = out.conservation.double()
-    per["error"] = metrics.error_type(maps, masks, out.attended)
+    per["ID per seed"] = ins_s - del_s  # (S, n)
+    for t in THRESHOLDS:
+        per[f"error@{t}"] = metrics.error_type(maps, masks, p0=t, c0=t)
     return per
 
 
@@ -206,57 +293,34 @@ class Evaluation:
     maps: dict[str, torch.Tensor]
 
 
-def evaluate(n_images: int = 200, seed: int = 0, batch_size: int = 50, rise_masks: int = 1000,
-             only: list[str] | None = None, progress: bool = True, points: int = 100,
-             model: str = "bundled") -> Evaluation:
-    """Run every method on ``n_images`` generated test images and score their maps.
-
-    ``model`` is a shipped model trained on the shapes benchmark: ``"bundled"`` (the
-    ResNet-50 layout) or ``"bundled:resnet18_w16"`` (the ResNet-18 layout).
-    """
-    from lrpfx.eval.datasets import ShapesDataset
-    from lrpfx.cli.loading import load_model
-    if not (model == "bundled" or model.startswith("bundled:")) or "abn" in model:
-        raise ValueError(f"model={model!r}: the evaluation needs a classifier trained on the shapes benchmark. "
-                         "Hint: use 'bundled' or 'bundled:resnet18_w16'.")
-    loaded = load_model(model)
-    model = loaded.model
-    data = ShapesDataset("test", n=n_images, seed=seed, normalize=True, return_mask=True)
-    samples = [data[i] for i in range(n_images)]
-    x = torch.stack([s[0] for s in samples])
-    target = torch.tensor([int(s[1]) for s in samples])
-    masks = torch.stack([torch.as_tensor(s[2]) for s in samples]).bool()
-    models = Models(model, inference_model(model, x[:8]))
-    with torch.no_grad():
-        accuracy = float((model(x).argmax(1) == target).float().mean())
+def _run_rows(rows: dict[str, Method | MethodOutput], models: Models, x: torch.Tensor, target: torch.Tensor,
+              masks: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], batch_size: int, points: int,
+              tie_seeds: tuple[int, ...], bar: Any, progress: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     table: dict[str, Any] = {}
     all_maps: dict[str, torch.Tensor] = {}
-    sanity = {"Ground-truth mask (upper bound)": MethodOutput(masks.float()),
-              "Random map (chance)": MethodOutput(torch.rand(masks.shape, generator=torch.Generator().manual_seed(seed)))}
-    todo = [(k, v) for k, v in {**methods(rise_masks), **sanity}.items()
-            if not only or any(o.lower() in k.lower() for o in only)]
-    bar = _progress(len(todo) * n_images, not progress)
-    for name, method in todo:
+    n_images = len(x)
+    for name, method in rows.items():
         bar.set_description(name[:28])
         t0 = time.perf_counter()
+        maps: list[torch.Tensor] = []
         try:
             per: dict[str, Any] = {}
-            maps = []
             for start in range(0, n_images, batch_size):
                 sl = slice(start, start + batch_size)
-                if isinstance(method, MethodOutput):
-                    out = MethodOutput(method.maps[sl])
-                else:
-                    out = method(models, x[sl], target[sl])
+                out = MethodOutput(method.maps[sl]) if isinstance(method, MethodOutput) else method(models, x[sl], target[sl])
                 maps.append(out.maps)
-                part = score(models.fast, x[sl], target[sl], masks[sl], out, loaded.mean, loaded.std, points)
+                part = score(models.fast, x[sl], target[sl], masks[sl], out, mean, std, points, tie_seeds, start)
                 for k, v in part.items():
                     per[k] = per.get(k, []) + (list(v) if isinstance(v, list) else [v])
                 bar.update(len(out.maps))
-            row = {k: _mean_se(torch.cat(v)) for k, v in per.items() if k != "error"}
-            row["errors"] = dict(Counter(per["error"]))
-            row["per_image_ID"] = torch.cat(per["ID"]).tolist()
-            row["per_image_error"] = per["error"]
+            errors = {k: per.pop(k) for k in list(per) if k.startswith("error@")}
+            seeds = torch.cat(per.pop("ID per seed"), 1)
+            row = {k: _mean_se(torch.cat(v)) for k, v in per.items()}
+            row["ID per tie seed"] = seeds.mean(1).tolist()
+            row["errors"] = dict(Counter(errors["error@0.5"]))
+            row["error sweep"] = {t: dict(Counter(errors[f"error@{t}"])) for t in THRESHOLDS}
+            row["per_image_ID"] = seeds.mean(0).tolist()
+            row["per_image_error"] = errors["error@0.5"]
             row["seconds"] = time.perf_counter() - t0
             table[name] = row
             all_maps[name] = torch.cat(maps)
@@ -265,21 +329,74 @@ def evaluate(n_images: int = 200, seed: int = 0, batch_size: int = 50, rise_mask
             bar.update(n_images - sum(len(m) for m in maps))
         if progress:
             bar.write(f"  {name}: {table[name].get('failed', 'done')} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    return table, all_maps
+
+
+def evaluate(n_images: int = 200, seed: int = 0, batch_size: int = 50, rise_masks: int = 1000,
+             only: list[str] | None = None, progress: bool = True, points: int = 100,
+             model: str = "bundled", target: str = "predicted", tie_seeds: int = 5) -> Evaluation:
+    """Run every method on ``n_images`` generated test images and score their maps.
+
+    ``model`` is a shipped model trained on the shapes benchmark: ``"bundled"`` (the
+    ResNet-50 layout) or ``"bundled:resnet18_w16"`` (the ResNet-18 layout). ``target``:
+    ``"predicted"`` (default; every method explains the model's predicted class, as the ECCV
+    code does) or ``"ground_truth"``. ``tie_seeds``: seeds of the tie-robust insertion/deletion.
+    The ABN attention runs in its own block, scored with the ABN model (its own prediction).
+    """
+    from lrpfx.eval.datasets import ShapesDataset
+    from lrpfx.cli.loading import load_model
+    from lrpfx.eval.models import load_bundled
+    if not (model == "bundled" or model.startswith("bundled:")) or "abn" in model:
+        raise ValueError(f"model={model!r}: the evaluation needs a classifier trained on the shapes benchmark. "
+                         "Hint: use 'bundled' or 'bundled:resnet18_w16'.")
+    if target not in ("predicted", "ground_truth"):
+        raise ValueError(f"target={target!r}. Hint: use 'predicted' or 'ground_truth'.")
+    loaded = load_model(model)
+    net = loaded.model
+    data = ShapesDataset("test", n=n_images, seed=seed, normalize=True, return_mask=True)
+    samples = [data[i] for i in range(n_images)]
+    x = torch.stack([s[0] for s in samples])
+    truth = torch.tensor([int(s[1]) for s in samples])
+    masks = torch.stack([torch.as_tensor(s[2]) for s in samples]).bool()
+    models = Models(net, inference_model(net, x[:8]))
+    with torch.no_grad():
+        predicted = torch.cat([net(x[i:i + 100]).argmax(1) for i in range(0, n_images, 100)])
+    explained = predicted if target == "predicted" else truth
+    seeds = tuple(range(tie_seeds))
+    wanted = lambda k: not only or any(o.lower() in k.lower() for o in only)  # noqa: E731
+    shape = tuple(masks.shape)
+    controls: dict[str, Method | MethodOutput] = {
+        "Ground-truth mask": MethodOutput(masks.float()),
+        "Random map": MethodOutput(torch.rand(shape, generator=torch.Generator().manual_seed(seed))),
+        BLOB: MethodOutput(gaussian_blob(shape[0], shape[1:])),
+    }
+    main_rows = {k: v for k, v in {**methods(rise_masks), **controls}.items() if wanted(k)}
+    abn_rows = {k: v for k, v in {ABN_ROWS[0]: _abn, ABN_ROWS[1]: controls[BLOB],
+                                  ABN_ROWS[2]: controls["Ground-truth mask"]}.items() if wanted(k)}
+    bar = _progress((len(main_rows) + len(abn_rows)) * n_images, not progress)
+    table, all_maps = _run_rows(main_rows, models, x, explained, masks, loaded.mean, loaded.std, batch_size,
+                                points, seeds, bar, progress)
+    abn_info = None
+    if abn_rows:
+        abn = load_bundled("abn_resnet50_w16")
+        with torch.no_grad():
+            abn_pred = torch.cat([abn(x[i:i + 100]).argmax(1) for i in range(0, n_images, 100)])
+        abn_models = Models(abn, inference_model(abn, x[:8]))
+        abn_table, abn_maps = _run_rows(abn_rows, abn_models, x, abn_pred if target == "predicted" else truth,
+                                        masks, loaded.mean, loaded.std, batch_size, points, seeds, bar, progress)
+        all_maps.update(abn_maps)
+        abn_info = {"accuracy_on_these": float((abn_pred == truth).float().mean()), "methods": abn_table}
     bar.close()
-    result = {"n_images": n_images, "seed": seed, "model": loaded.name, "model_accuracy_on_these": accuracy,
-              "insertion_deletion_points": points, "rise_masks": rise_masks, "methods": table,
-              "abn_accuracy_on_these": _abn_accuracy(x, target) if any(k.startswith("ABN") for k in table) else None}
+    result = {"n_images": n_images, "seed": seed, "model": loaded.name,
+              "model_accuracy_on_these": float((predicted == truth).float().mean()),
+              "target": target, "insertion_deletion_points": points, "tie_seeds": list(seeds),
+              "pointing_tolerance_px": max(1.0, 15 * x.shape[-1] / 224), "rise_masks": rise_masks,
+              "c3_options": {r: c3_options(r) for r in ("mass", "opencv_order")},
+              "error_thresholds": list(THRESHOLDS), "methods": table, "abn": abn_info}
     return Evaluation(result, x, masks, all_maps)
 
 
-def _abn_accuracy(x: torch.Tensor, target: torch.Tensor) -> float:
-    from lrpfx.eval.models import load_bundled
-    abn = load_bundled("abn_resnet50_w16")
-    with torch.no_grad():
-        return float((abn(x).argmax(1) == target).float().mean())
-
-
-FIGURE_METHOD = "C3-LRP (c3_lrp + C3)"
+FIGURE_METHOD = C3_DEFAULT
 
 
 def best_worst_figure(ev: Evaluation, path: str | Path, k: int = 3, key: str = FIGURE_METHOD) -> Path | None:
@@ -303,22 +420,33 @@ def best_worst_figure(ev: Evaluation, path: str | Path, k: int = 3, key: str = F
         titles = [f"{'best' if j < k else 'worst'}: ID {100 * ids[i]:.0f}, {labels[i]}" for j, i in enumerate(picks)]
         columns = {"object mask": ev.masks[picks].float()}
         columns.update({name.split(" (")[0] if name != key else "C3-LRP": m[picks] for name, m in ev.maps.items()
-                        if not name.startswith(("Ground-truth", "Random"))})
+                        if name not in CONTROLS and name not in ABN_ROWS[1:]})
         return comparison_grid(ev.images[picks], columns, path, mean=MEAN, std=STD, row_titles=titles,
                                title="C3-LRP's best and worst ID scores beside the other methods", cell_inches=1.4)
     except ImportError:
         return None
 
 
-COLUMNS = ("Ins", "Del", "ID", "Pointing", "RMA", "RRA", "IoU", "sum R / top")
+COLUMNS = ("ID", "Ins", "Del", "ID (ECCV)", "Ins (ECCV)", "Del (ECCV)", "Pointing", "Pointing (tol)", "RMA", "RRA",
+           "RMA (signed)", "RRA (signed)", "IoU", "sum R / top")
+LOWER_IS_BETTER = ("Del", "Del (ECCV)")
+NO_MARK = ("sum R / top",)
 
 
-def markdown(result: dict[str, Any]) -> str:
-    """The results table (mean ± standard error over images, in %) and the IA/OA/WA counts."""
-    lines = [f"| method | {' | '.join(COLUMNS)} | OK / IA / OA / WA |", "|---" * (len(COLUMNS) + 2) + "|"]
-    for name, row in result["methods"].items():
+def _header(result: dict[str, Any]) -> list[str]:
+    tol = result.get("pointing_tolerance_px", 4.29)
+    names = {"Pointing": "Point (tol 0)", "Pointing (tol)": f"Point ({tol:.1f} px)", "ID": "**ID**",
+             "RMA (signed)": "RMA±", "RRA (signed)": "RRA±"}
+    cols = [names.get(c, c) for c in COLUMNS]
+    return [f"| method | {' | '.join(cols)} | ID over tie seeds | OK / IA / OA / WA |",
+            "|---" * (len(COLUMNS) + 3) + "|"]
+
+
+def _rows(rows: dict[str, Any], blob: dict[str, Any] | None) -> list[str]:
+    lines = []
+    for name, row in rows.items():
         if "failed" in row:
-            lines.append(f"| {name} | " + " | ".join("-" for _ in COLUMNS) + f" | failed: {row['failed'][:60]} |")
+            lines.append(f"| {name} | " + " | ".join("-" for _ in COLUMNS) + f" | - | failed: {row['failed'][:60]} |")
             continue
         cells = []
         for c in COLUMNS:
@@ -326,10 +454,41 @@ def markdown(result: dict[str, Any]) -> str:
                 cells.append("-")
                 continue
             m, se = row[c]
-            cells.append(f"{m:.3f} ± {se:.3f}" if c == "sum R / top" else f"{100 * m:.1f} ± {100 * se:.1f}")
+            cell = f"{m:.3f} ± {se:.3f}" if c == "sum R / top" else f"{100 * m:.1f} ± {100 * se:.1f}"
+            if blob is not None and row is not blob and c not in NO_MARK and c in blob and not math.isnan(m):
+                b = blob[c][0]
+                if (m >= b) if c in LOWER_IS_BETTER else (m <= b):
+                    cell += " †"
+            cells.append(cell)
+        per_seed = row.get("ID per tie seed", [])
+        spread = f"{100 * min(per_seed):.1f} – {100 * max(per_seed):.1f}" if per_seed else "-"
         e = row["errors"]
-        lines.append(f"| {name} | {' | '.join(cells)} | {e.get('OK', 0)} / {e.get('IA', 0)} / {e.get('OA', 0)} / "
-                     f"{e.get('WA', 0)} |")
+        lines.append(f"| {name} | {' | '.join(cells)} | {spread} | {e.get('OK', 0)} / {e.get('IA', 0)} / "
+                     f"{e.get('OA', 0)} / {e.get('WA', 0)} |")
+    return lines
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The results tables: mean ± standard error over images in %, † where a method does not
+    beat the centred Gaussian blob of its block; the ABN block (scored with the ABN model);
+    and the IA/OA/WA counts at every threshold of the sweep."""
+    lines = _header(result) + _rows(result["methods"], result["methods"].get(BLOB))
+    abn = result.get("abn")
+    if abn and abn.get("methods"):
+        lines += ["", f"ABN block (maps scored with the ABN model, {100 * abn['accuracy_on_these']:.1f}% correct "
+                      "on these images):", ""]
+        lines += _header(result) + _rows(abn["methods"], abn["methods"].get(ABN_ROWS[1]))
+    sweep = [(n, r) for n, r in {**result["methods"], **((abn or {}).get("methods") or {})}.items() if "failed" not in r]
+    if sweep:
+        ts = result.get("error_thresholds", THRESHOLDS)
+        lines += ["", "IA/OA/WA labels (OK / IA / OA / WA) at p0 = c0 = t, attended set R+ > mean(R+) for every map:", "",
+                  "| method | " + " | ".join(f"t = {t}" for t in ts) + " |", "|---" * (len(ts) + 1) + "|"]
+        for name, row in sweep:
+            cells = []
+            for t in ts:
+                e = row["error sweep"].get(t, row["error sweep"].get(str(t), {}))
+                cells.append(f"{e.get('OK', 0)} / {e.get('IA', 0)} / {e.get('OA', 0)} / {e.get('WA', 0)}")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -337,13 +496,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lrpfx eval", description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=200, help="test images (default: %(default)s)")
     p.add_argument("--quick", action="store_true",
-                   help="the CI smoke run: 8 images, 100 RISE masks, 20 points (under a minute)")
+                   help="the CI smoke run: 8 images, 100 RISE masks, 20 points, the same columns (about a minute)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default="bundled",
                    help="bundled (ResNet-50 layout, default) or bundled:resnet18_w16 (ResNet-18 layout)")
     p.add_argument("--rise-masks", type=int, default=1000, help="RISE masks per image (default: %(default)s)")
     p.add_argument("--points", type=int, default=100, help="insertion/deletion points: step = N / points")
     p.add_argument("--only", nargs="*", help="run methods whose name contains one of these words")
+    p.add_argument("--target", choices=("predicted", "ground_truth"), default="predicted",
+                   help="the class every method explains (default: %(default)s, as the ECCV code)")
+    p.add_argument("--tie-seeds", type=int, default=5,
+                   help="seeds of the tie-robust insertion/deletion (default: %(default)s)")
     p.add_argument("--out", default="lrpfx-eval", help="directory for results.json, results.md and best_worst.png")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -352,23 +515,24 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         ev = evaluate(n, args.seed, rise_masks=masks, only=args.only, points=points,
-                      progress=not args.no_progress, model=args.model)
+                      progress=not args.no_progress, model=args.model, target=args.target, tie_seeds=args.tie_seeds)
     except ValueError as e:
         p.error(str(e))
     result = ev.result
     result["seconds"] = time.perf_counter() - t0
     result["threads"] = torch.get_num_threads()
+    result["command"] = "lrpfx eval " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=1))
     table = markdown(result)
     (out / "results.md").write_text(table + "\n")
     figure = best_worst_figure(ev, out / "best_worst.png")
-    abn = result.get("abn_accuracy_on_these")
+    abn = (result.get("abn") or {}).get("accuracy_on_these")
     print(f"{result['model']} ({100 * result['model_accuracy_on_these']:.1f}% correct on these {n} images"
           + (f", ABN {100 * abn:.1f}%" if abn is not None else "")
-          + f"; {points} insertion/deletion points, {masks} RISE masks; {result['seconds']:.0f} s on "
-          f"{result['threads']} threads)")
+          + f"; explains the {result['target'].replace('_', ' ')} class; {points} insertion/deletion points, "
+          f"{args.tie_seeds} tie seeds, {masks} RISE masks; {result['seconds']:.0f} s on {result['threads']} threads)")
     print(table)
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}" + (f", {figure}" if figure else ""))
     return 0

@@ -1,7 +1,9 @@
 """Evaluation metrics for attribution maps (METHOD_SPEC §5).
 
 * ``insertion_deletion``: the patch Insertion/Deletion protocol of the ECCV 2024 code
-  (``protocol="eccv_patch"``, §5.1) and the original RISE protocol (``protocol="rise"``).
+  (``protocol="eccv_patch"``, §5.1) and the original RISE protocol (``protocol="rise"``);
+  ``ties="random"`` is the tie-robust variant (tied entries enter in random order,
+  averaged over several seeds) that the evaluation uses as its headline.
 * ``pointing_game`` (§5.2), ``relevance_mass_accuracy`` and ``relevance_rank_accuracy``
   with the channel poolings of CLEVR-XAI (§5.3), ``attended_iou``.
 * ``error_type``: the operational IA / OA / WA / OK labels of §5.4.
@@ -20,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 Protocol = Literal["eccv_patch", "rise"]
-Pooling = Literal["sum,pos", "sum,abs", "max-norm", "l1-norm", "l2-norm", "l2-norm,sq"]
+Pooling = Literal["sum,pos", "sum", "sum,abs", "max-norm", "l1-norm", "l2-norm", "l2-norm,sq"]
+Ties = Literal["together", "random"]
 ErrorType = Literal["OK", "IA", "OA", "WA"]
 
 
@@ -35,6 +38,8 @@ class InsDelResult:
         insertion_curve: p_i of the target class, shape (N, K) (K + 1 points for "rise").
         deletion_curve: the same for deletion.
         step: pixels (patches) added or removed per step.
+        insertion_per_seed, deletion_per_seed: with ``ties="random"``, the AUCs of every
+            tie-breaking seed, shape (S, N); ``insertion``/``deletion`` are their means.
     """
 
     insertion: torch.Tensor
@@ -42,6 +47,8 @@ class InsDelResult:
     insertion_curve: torch.Tensor
     deletion_curve: torch.Tensor
     step: int
+    insertion_per_seed: torch.Tensor | None = None
+    deletion_per_seed: torch.Tensor | None = None
 
     @property
     def id_score(self) -> torch.Tensor:
@@ -89,6 +96,30 @@ def eccv_masks(p: torch.Tensor, step: int) -> torch.Tensor:
     ranked = torch.sort(p.flatten(), descending=True).values
     ranks = torch.clamp(step * torch.arange(1, k + 1), max=n - 1)
     return p[None] >= ranked[ranks].view(k, 1, 1)
+
+
+def random_tie_masks(p: torch.Tensor, step: int, generator: torch.Generator) -> torch.Tensor:
+    """The tie-robust counterpart of ``eccv_masks``: the same K = ceil(N/s) points, mask i holds
+    exactly min(s(i+1) + 1, N) entries (what ``eccv_masks`` holds when no value is tied), taken
+    in descending order of the map with ties broken by a random permutation from ``generator``.
+
+    On a map without ties this equals ``eccv_masks``; on tied entries it is one draw of "the
+    ties enter in random order" (the same as adding noise far below the map's resolution).
+    """
+    n = p.numel()
+    k = math.ceil(n / step)
+    flat = p.flatten()
+    perm = torch.randperm(n, generator=generator)
+    order = perm[torch.sort(flat[perm], descending=True, stable=True).indices]
+    rank = torch.empty(n, dtype=torch.long)
+    rank[order] = torch.arange(n)
+    counts = torch.clamp(step * torch.arange(1, k + 1) + 1, max=n)
+    return (rank[None] < counts[:, None]).view(k, *p.shape)
+
+
+def tie_generator(seed: int, index: int) -> torch.Generator:
+    """The generator of one (tie seed, image index) pair: independent streams, reproducible."""
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(index)) % (2 ** 63))
 
 
 def rise_masks(p: torch.Tensor, step: int) -> torch.Tensor:
@@ -172,7 +203,9 @@ def _substrates(images: torch.Tensor, protocol: Protocol, mean: Sequence[float],
 
 def insertion_deletion(model: torch.nn.Module, images: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor | Sequence[int] | None, *,
                        mean: Sequence[float], std: Sequence[float], protocol: Protocol = "eccv_patch",
-                       patch: int = 1, step: int | None = None, batch_size: int = 64) -> InsDelResult:
+                       patch: int = 1, step: int | None = None, batch_size: int = 64,
+                       ties: Ties = "together", seeds: Sequence[int] = (0, 1, 2, 3, 4),
+                       index_offset: int = 0) -> InsDelResult:
     """Insertion and deletion AUCs of attribution maps (METHOD_SPEC §5.1).
 
     ``"eccv_patch"`` (the ECCV 2024 code, exactly): P = max-pool of the map over p x p
@@ -200,12 +233,29 @@ def insertion_deletion(model: torch.nn.Module, images: torch.Tensor, maps: torch
             (``lrpfx.eval.datasets.MEAN``/``STD`` for the shapes dataset); required so that
             another dataset's constants are never used by default.
         batch_size: images per model call; consecutive images share calls, and a mask that
-            equals another of the same image (ties, binary maps) runs once.
+            equals another of the same image (ties, binary maps, other seeds) runs once.
+        ties: ``"together"`` (the protocol as published: every entry tied with the threshold
+            enters at once) or ``"random"`` (only with ``"eccv_patch"``; the tie-robust
+            variant: the same points, each holding exactly min(s(i+1) + 1, N) entries, tied
+            entries taken in a random order, AUCs averaged over ``seeds``). A map without
+            ties scores the same under both.
+        seeds: tie-breaking seeds of ``ties="random"``; image j uses
+            ``tie_generator(seed, index_offset + j)``.
+        index_offset: the index of the first image, so that batches of one run draw
+            independent tie orders.
 
     Returns:
         An ``InsDelResult`` of per-image AUCs (float64) and curves.
     """
     maps = _check_maps(images, maps)
+    if ties not in ("together", "random"):
+        raise ValueError(f"ties={ties!r}. Hint: use 'together' (the published protocol) or 'random' (tie-robust).")
+    if ties == "random" and protocol != "eccv_patch":
+        raise ValueError("ties='random' applies to protocol='eccv_patch' (the RISE protocol already breaks "
+                         "ties, by raster order).")
+    seeds = list(seeds) if ties == "random" else [0]
+    if not seeds:
+        raise ValueError("ties='random' needs at least one seed. Hint: seeds=range(5).")
     with torch.no_grad():
         if targets is None:
             targets = torch.cat([model(images[i:i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)])
@@ -214,8 +264,11 @@ def insertion_deletion(model: torch.nn.Module, images: torch.Tensor, maps: torch
         pooled = patch_scores(maps.to(torch.float64), patch)
         step = step or default_step(pooled[0].numel(), protocol, pooled.shape[-1])
         batcher, inverses = _Batcher(model, batch_size), []
-        for x, p, a, b, y in zip(images, pooled, ins_start, del_end, targets):
-            m = eccv_masks(p, step) if protocol == "eccv_patch" else rise_masks(p, step)
+        for j, (x, p, a, b, y) in enumerate(zip(images, pooled, ins_start, del_end, targets)):
+            if ties == "random":
+                m = torch.cat([random_tie_masks(p, step, tie_generator(s, index_offset + j)) for s in seeds])
+            else:
+                m = eccv_masks(p, step) if protocol == "eccv_patch" else rise_masks(p, step)
             # equal masks give equal points: each distinct mask runs once (ties, binary maps)
             m, inverse = torch.unique(m.flatten(1).to(torch.uint8), dim=0, return_inverse=True)
             inverses.append(inverse)
@@ -227,20 +280,29 @@ def insertion_deletion(model: torch.nn.Module, images: torch.Tensor, maps: torch
             ins.append(probs[:u][inverse])
             dels.append(probs[u:][inverse])
     ins_c, del_c = torch.stack(ins), torch.stack(dels)
-    return InsDelResult(auc(ins_c), auc(del_c), ins_c, del_c, step)
+    if ties == "together":
+        return InsDelResult(auc(ins_c), auc(del_c), ins_c, del_c, step)
+    s_count = len(seeds)
+    ins_s = ins_c.view(len(ins_c), s_count, -1).transpose(0, 1)  # (S, N, K)
+    del_s = del_c.view(len(del_c), s_count, -1).transpose(0, 1)
+    ins_auc, del_auc = auc(ins_s), auc(del_s)
+    return InsDelResult(ins_auc.mean(0), del_auc.mean(0), ins_s.mean(0), del_s.mean(0), step, ins_auc, del_auc)
 
 
 # ------------------------------------------------------------------ localisation
 def pool_channels(relevance: torch.Tensor, pooling: Pooling = "sum,pos") -> torch.Tensor:
     """Pool (N, C, H, W) relevance into a non-negative (N, H, W) map (CLEVR-XAI poolings).
 
-    "sum,pos": max(sum_c R, 0) (lrpfx's default); "sum,abs": |sum_c R|; "max-norm":
+    "sum,pos": max(sum_c R, 0) (lrpfx's default); "sum": sum_c R, signed (Quantus' default:
+    no ``abs``, and its normalisation by max |R| changes no ratio or order); "sum,abs": |sum_c R|; "max-norm":
     max_c |R|; "l1-norm": sum_c |R|; "l2-norm": sqrt(sum_c R^2); "l2-norm,sq": sum_c R^2.
     A (N, H, W) map is treated as one channel.
     """
     r = relevance[:, None] if relevance.dim() == 3 else relevance
     if pooling == "sum,pos":
         return r.sum(1).clamp(min=0)
+    if pooling == "sum":
+        return r.sum(1)
     if pooling == "sum,abs":
         return r.sum(1).abs()
     if pooling == "max-norm":
@@ -251,7 +313,7 @@ def pool_channels(relevance: torch.Tensor, pooling: Pooling = "sum,pos") -> torc
         return r.pow(2).sum(1).sqrt()
     if pooling == "l2-norm,sq":
         return r.pow(2).sum(1)
-    raise ValueError(f"unknown pooling {pooling!r}. Hint: use one of sum,pos sum,abs max-norm l1-norm l2-norm l2-norm,sq.")
+    raise ValueError(f"unknown pooling {pooling!r}. Hint: use one of sum,pos sum sum,abs max-norm l1-norm l2-norm l2-norm,sq.")
 
 
 def _check_masks(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -263,12 +325,18 @@ def _check_masks(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 
 
 def relevance_mass_accuracy(relevance: torch.Tensor, masks: torch.Tensor, pooling: Pooling = "sum,pos") -> torch.Tensor:
-    """RMA = sum of the pooled map inside the mask / its total, per image (NaN when the total is 0)."""
+    """RMA = sum of the pooled map inside the mask / its total, per image.
+
+    With a non-negative pooling (the default R+) the total is 0 only for an all-zero map: NaN.
+    With ``pooling="sum"`` (signed, Quantus' convention) the ratio is taken as it is, so it may
+    leave [0, 1] (a positive inside and a near-zero total); NaN only for a zero total.
+    """
     r = pool_channels(relevance, pooling).to(torch.float64)
     m = _check_masks(r, masks)
     inside = (r * m).flatten(1).sum(1)
     total = r.flatten(1).sum(1)
-    return torch.where(total > 0, inside / total.where(total > 0, torch.ones_like(total)), torch.nan)
+    ok = total > 0 if pooling != "sum" else total != 0
+    return torch.where(ok, inside / total.where(ok, torch.ones_like(total)), torch.nan)
 
 
 def relevance_rank_accuracy(relevance: torch.Tensor, masks: torch.Tensor, pooling: Pooling = "sum,pos") -> torch.Tensor:
@@ -287,23 +355,33 @@ def relevance_rank_accuracy(relevance: torch.Tensor, masks: torch.Tensor, poolin
     return torch.where(k > 0, hits / k.clamp(min=1), torch.nan)
 
 
-def pointing_game(maps: torch.Tensor, masks: torch.Tensor, tolerance: float = 15) -> torch.Tensor:
+def pointing_game(maps: torch.Tensor, masks: torch.Tensor, tolerance: float = 15,
+                  ties: Literal["first", "any"] = "first") -> torch.Tensor:
     """Hits of the pointing game (Zhang et al. 2018), per image (bool).
 
-    A hit: the map's maximum (the first in raster order; the map is bilinearly upsampled to
-    the mask size first) lies within ``tolerance`` pixels (Euclidean) of a mask pixel. An
+    A hit: the map's maximum (the map is bilinearly upsampled to the mask size first) lies
+    within ``tolerance`` pixels (Euclidean) of a mask pixel. ``ties="first"`` takes the first
+    maximum in raster order; ``ties="any"`` counts a hit if any tied maximum is close enough
+    (with ``tolerance=0`` this is Quantus' ``PointingGame``: a maximum inside the mask). An
     empty mask is a miss. Accuracy = hits.float().mean().
     """
     maps = maps[:, 0] if maps.dim() == 4 else maps
     if maps.shape[-2:] != masks.shape[-2:]:
         maps = F.interpolate(maps[:, None].float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    if ties not in ("first", "any"):
+        raise ValueError(f"ties={ties!r}. Hint: use 'first' (raster order) or 'any' (Quantus).")
     w = maps.shape[-1]
-    peak = maps.flatten(1).argmax(1)
+    flat = maps.flatten(1)
     hits = []
-    for pk, mask in zip(peak.tolist(), masks.to(torch.bool)):
+    for row, mask in zip(flat, masks.to(torch.bool)):
+        peaks = (row == row.max()).nonzero()[:, 0] if ties == "any" else row.argmax()[None]
         yx = mask.nonzero().to(torch.float64)
-        d2 = (yx[:, 0] - pk // w) ** 2 + (yx[:, 1] - pk % w) ** 2
-        hits.append(bool(len(yx)) and bool(d2.min() <= tolerance ** 2))
+        if not len(yx):
+            hits.append(False)
+            continue
+        py, px = (peaks // w).to(torch.float64), (peaks % w).to(torch.float64)
+        d2 = (yx[:, None, 0] - py[None]) ** 2 + (yx[:, None, 1] - px[None]) ** 2
+        hits.append(bool(d2.min() <= tolerance ** 2))
     return torch.tensor(hits)
 
 

@@ -22,6 +22,9 @@ POOLS = ("sum", "pos_sum", "abs_sum", "max_norm", "l2_norm")
 CONTOUR_RANKS = ("mass", "peak", "area", "opencv_index")
 COMPONENT_RANKS = ("peak", "mass", "area", "label_order")
 FALLBACKS = ("contour", "component", "union", "empty")
+RANK_PRESETS = {"mass": ("mass", "peak"), "opencv_order": ("opencv_index", "label_order")}
+"""``rank`` presets: (contour_rank, component_rank). ``"mass"`` is the default ranking;
+``"opencv_order"`` is the poster's literal reading, ``contours[0]`` ∧ label 1 in OpenCV's order."""
 NAN_POLICIES = ("raise", "zero")
 OUTPUTS = ("masked_full_res", "masked_low_res")
 CONNECTIVITIES = (8, 4)
@@ -71,6 +74,11 @@ class C3Config:
         output: ``"masked_full_res"`` (the input-resolution map ⊙ the nearest-upsampled mask)
             or ``"masked_low_res"`` (the map the selection ran on ⊙ the mask; ECCV style).
         scale: factor applied to the output map (the ECCV code uses 3.0 with its C1C).
+        rank: a preset for both rankings, which it overrides when set: ``"mass"``
+            (contour_rank="mass", component_rank="peak", the defaults) or ``"opencv_order"``
+            (contour_rank="opencv_index", component_rank="label_order": the poster's literal
+            "first contour" and "first component", ``contours[0]`` ∧ label 1 as OpenCV lists
+            them). ``None`` (default) uses contour_rank and component_rank as given.
 
     Ties between candidates are broken by the smaller raster index of the blob's first pixel.
     """
@@ -87,6 +95,7 @@ class C3Config:
     nan_policy: str = "raise"
     output: str = "masked_full_res"
     scale: float = 1.0
+    rank: str | None = None
     _parsed: tuple[Threshold, Threshold] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -96,6 +105,11 @@ class C3Config:
         contour = threshold if self.contour_threshold is None else parse_threshold(
             self.contour_threshold, "contour_threshold")
         object.__setattr__(self, "_parsed", (threshold, contour))
+        if self.rank is not None:
+            _check_choice("rank", self.rank, tuple(RANK_PRESETS))
+            contour_rank, component_rank = RANK_PRESETS[self.rank]
+            object.__setattr__(self, "contour_rank", contour_rank)
+            object.__setattr__(self, "component_rank", component_rank)
         _check_choice("pool", self.pool, POOLS)
         _check_choice("contour_rank", self.contour_rank, CONTOUR_RANKS)
         _check_choice("component_rank", self.component_rank, COMPONENT_RANKS)

@@ -34,7 +34,7 @@ def c3_tensor(relevance: torch.Tensor, *, pool: str = "sum", positive_only: bool
               contour_threshold: str | None = None, contour_rank: str = "mass",
               component_rank: str = "peak", connectivity: int = 8, fallback: str = "contour",
               nan_policy: str = "raise", output: str = "masked_full_res",
-              scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+              scale: float = 1.0, rank: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """C3 region selection of a batch of relevance maps, in torch ops only.
 
     The options and their defaults are those of :class:`lrpfx.postprocess.C3Config`.
@@ -61,7 +61,7 @@ def c3_tensor(relevance: torch.Tensor, *, pool: str = "sum", positive_only: bool
     cfg = C3Config(pool=pool, positive_only=positive_only, resize_to=resize_to, threshold=threshold,
                    contour_threshold=contour_threshold, contour_rank=contour_rank,
                    component_rank=component_rank, connectivity=connectivity, fallback=fallback,
-                   nan_policy=nan_policy, output=output, scale=scale)
+                   nan_policy=nan_policy, output=output, scale=scale, rank=rank)
     r, valid = _apply_nan_policy(_as_batch(relevance), cfg.nan_policy)
     full = pool_channels(r, cfg.pool, cfg.positive_only)
     low = area_resize(full, cfg.resize_to)

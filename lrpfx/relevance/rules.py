@@ -348,11 +348,13 @@ class Identity(Rule):
     """The identity rule for elementwise activations: R_in = R_out (Achtibat et al., 2024, "AttnLRP", ICML).
 
     For an activation f it is LRP-0 on f(x) = x * (f(x) / x) with the ratio held constant, so
-    a network explained with it (and LRP-0 elsewhere) is explained as its linearized twin.
+    a network explained with it (and LRP-0 elsewhere) is explained as its linearized twin. Bound
+    to a whole module by type (``bindings={MyLayer: lrpfx.Identity()}``, kind ``module``), it passes
+    the relevance of a shape-preserving module through unchanged.
     """
 
     name: ClassVar[str] = "identity"
-    kinds: ClassVar[frozenset[str]] = frozenset({"elementwise"})
+    kinds: ClassVar[frozenset[str]] = frozenset({"elementwise", "module"})
 
     def apply(self, op: Op) -> tuple[Any, ...]:
         return (op.rel,)

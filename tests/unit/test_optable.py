@@ -1,0 +1,429 @@
+"""The op table (issue #15): one principled rule per op class, checked against oracles nobody here wrote.
+
+* LRP-0 of every op class equals Input x Gradient (autograd) of the model's *linearized twin*
+  (:mod:`lrpfx.eval.twin`: each activation as x * stopgrad(f(x)/x), norm stds and softmax outputs
+  detached), in float64, to 1e-6 -- one small model per class, and random compositions.
+* The adjoints of routing and linear ops equal the transposed Jacobian computed by autograd.
+* Bias-free networks conserve relevance exactly under LRP-0.
+"""
+from __future__ import annotations
+
+import math
+import operator
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lrpfx
+from lrpfx.eval.twin import input_x_gradient, linearized_twin
+from lrpfx.relevance import adjoints
+
+torch.set_default_dtype(torch.float64)
+
+
+def twin_error(model: nn.Module, x: torch.Tensor, target: torch.Tensor, rules: str = "lrp0") -> float:
+    relevance = lrpfx.compile(model, rules)(x, target)[0]
+    reference = input_x_gradient(linearized_twin(model), x, target)
+    assert reference.abs().sum() > 0, "the oracle is trivially zero: the test would prove nothing"
+    return ((relevance - reference).norm() / reference.norm()).item()
+
+
+# ----------------------------------------------------------------- one model per op class
+class Routing(nn.Module):
+    """CIFAR option-A shortcut (strided slice + channel pad), permute, split/chunk/cat, stack, roll, flip,
+    nearest upsampling, pixel and channel shuffle, expand, indexing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.c, self.fc = nn.Conv2d(8, 8, 1), nn.Linear(16, 5)
+        self.shuffle = nn.PixelShuffle(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.a(x))                                            # (N, 4, 8, 8)
+        short = F.pad(h[:, :, ::2, ::2], (0, 0, 0, 0, 2, 2))             # option A: (N, 8, 4, 4)
+        h = torch.cat([h, h.flip(1)], 1)                                 # (N, 8, 8, 8)
+        h = F.relu(self.b(h)) + short                                    # (N, 8, 4, 4)
+        u, v = h.chunk(2, dim=1)
+        h = torch.cat([v.roll(1, dims=2), u], 1).permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+        h = torch.channel_shuffle(h, 2)
+        h = F.interpolate(self.shuffle(self.c(h)), scale_factor=2, mode="nearest")   # (N, 2, 16, 16)
+        parts = torch.stack([h[:, 0], h[:, 1]], 1)                       # (N, 2, 16, 16)
+        pooled = F.adaptive_avg_pool2d(parts, (2, 4))
+        return self.fc(pooled.flatten(1).expand(2, -1, -1)[0])
+
+
+class Linear(nn.Module):
+    """LayerScale (mul by a parameter), a constant gain, a model that normalizes its own input, mean and
+    sum over a dim, matmul with a parameter, einsum with a parameter, bilinear interpolation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.4, 0.5, 0.6]).view(1, 3, 1, 1))
+        self.a = nn.Conv2d(3, 6, 3, padding=1)
+        self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, 6).view(1, 6, 1, 1))
+        self.w = nn.Parameter(torch.randn(6, 6) / 3)
+        self.e = nn.Parameter(torch.randn(6, 4) / 3)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - self.mean) / 0.25
+        h = F.relu(self.a(x)) * self.gamma * 2.0
+        h = F.interpolate(h, scale_factor=1.5, mode="bilinear", align_corners=False)
+        t = h.flatten(2).transpose(1, 2) @ self.w                          # (N, HW, 6)
+        t = t - t.mean(-1, keepdim=True) * 0.5
+        t = torch.einsum("nlc,cd->nld", t, self.e)
+        return self.fc(t.sum(1) / 7.0)
+
+
+class StdConv(nn.Conv2d):
+    """Weight standardization computed in forward (BiT's StdConv): a parameter-only subgraph."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.var((1, 2, 3), keepdim=True, unbiased=False) + 1e-6).sqrt()
+        return F.conv2d(x, w * self.gain, self.bias, self.stride, self.padding)
+
+
+class ParamOnly(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = StdConv(3, 6, 3, padding=1)
+        self.conv.gain = nn.Parameter(torch.rand(6, 1, 1, 1) + 0.5)
+        self.cls = nn.Parameter(torch.randn(1, 1, 6))
+        self.pos = nn.Parameter(torch.randn(1, 65, 6) * 0.1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = F.relu(self.conv(x)).flatten(2).transpose(1, 2)             # (N, 64, 6)
+        t = torch.cat([self.cls.expand(x.shape[0], -1, -1), t], 1) + self.pos * 2
+        return self.fc(t[:, 0] + t[:, 1:].mean(1))
+
+
+ACTIVATIONS = [nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU(), nn.Hardswish(), nn.Mish(), nn.ELU(),
+               nn.LeakyReLU(0.1), nn.Tanh(), nn.Softplus(), nn.SELU(), nn.CELU(), nn.Sigmoid()]
+
+
+class Elementwise(nn.Module):
+    def __init__(self, act: nn.Module) -> None:
+        super().__init__()
+        self.a, self.act, self.b, self.fc = nn.Conv2d(3, 6, 3, padding=1), act, nn.Conv2d(6, 6, 3), nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.b(self.act(self.a(x)))
+        return self.fc(F.silu(h, inplace=True).mean((2, 3)))
+
+
+class Norms(nn.Module):
+    """GroupNorm, LayerNorm over channels after a permute (ConvNeXt), over two trailing dims,
+    InstanceNorm, RMSNorm, and timm's LayerNorm2d spelled functionally."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.gn = nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8)
+        self.ln, self.ln2 = nn.LayerNorm(8), nn.LayerNorm([8, 8])
+        self.inorm, self.rms = nn.InstanceNorm2d(8, affine=True), nn.RMSNorm(8)
+        self.w = nn.Parameter(torch.rand(8) + 0.5)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.gn(self.a(x)))
+        h = self.ln(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        h = self.inorm(self.ln2(h))
+        h = F.layer_norm(h.permute(0, 2, 3, 1), (8,), self.w, None, 1e-6).permute(0, 3, 1, 2)
+        return self.fc(self.rms(h.mean((2, 3))))
+
+
+class Attention(nn.Module):
+    """Explicit softmax attention, F.scaled_dot_product_attention, nn.MultiheadAttention, a
+    squeeze-and-excitation gate and SK-style split attention (softmax over branches)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 5, padding=2)
+        self.qkv, self.mha = nn.Linear(8, 24), nn.MultiheadAttention(8, 2, batch_first=True)
+        self.sel, self.se = nn.Linear(8, 16), nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u, v = F.relu(self.a(x)), F.relu(self.b(x))
+        s = (u + v).mean((2, 3))                                           # SK: softmax over the two branches
+        w = self.sel(s).view(-1, 2, 8).softmax(1)
+        h = u * w[:, 0, :, None, None] + v * w[:, 1, :, None, None]
+        h = h * torch.sigmoid(self.se(h.mean((2, 3), keepdim=True)))     # squeeze-and-excitation
+        t = h.flatten(2).transpose(1, 2)                                   # (N, L, 8)
+        q, k, val = self.qkv(t).chunk(3, -1)
+        t = t + (q @ k.transpose(-2, -1) / math.sqrt(8)).softmax(-1) @ val
+        t = t + F.scaled_dot_product_attention(q[:, None], k[:, None], t[:, None])[:, 0]
+        t = t + self.mha(t, t, t, need_weights=False)[0]
+        return self.fc(t.mean(1))
+
+
+MODELS = {"routing": Routing, "linear_op": Linear, "parameter-only": ParamOnly, "norm": Norms,
+          "held products": Attention}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_lrp0_equals_the_linearized_twin(name: str) -> None:
+    torch.manual_seed(0)
+    model = MODELS[name]().eval()
+    x = torch.randn(2, 3, 8, 8)
+    assert twin_error(model, x, torch.tensor([0, 2])) < 1e-6
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=lambda m: repr(m))
+def test_every_activation_takes_the_identity_rule(act: nn.Module) -> None:
+    torch.manual_seed(0)
+    model = Elementwise(act).eval()
+    assert twin_error(model, torch.randn(2, 3, 8, 8), torch.tensor([1, 3])) < 1e-6
+    assert "elementwise" in lrpfx.inspect(model, "lrp0").kinds.values()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("rules", ["epsilon_plus_flat", "c3_lrp", "epsilon_gamma_box", "eccv2024"])
+def test_every_builtin_ruleset_compiles_every_class_to_finite_relevance(name: str, rules: str) -> None:
+    torch.manual_seed(0)
+    relevance, logits = lrpfx.compile(MODELS[name]().eval(), rules)(torch.randn(2, 3, 8, 8))
+    assert torch.isfinite(relevance).all() and relevance.abs().sum() > 0
+
+
+# ----------------------------------------------------------------- random compositions
+def _random_net(seed: int) -> nn.Module:
+    """A random stack of blocks drawn from every op class."""
+    g = torch.Generator().manual_seed(seed)
+    choices = ["gelu", "ln", "gn", "scale", "shuffle", "attn", "pad_slice", "silu_res", "roll"]
+    picks = [choices[i] for i in torch.randint(len(choices), (4,), generator=g)]
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.convs = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1) for _ in picks)
+            self.lns, self.gns = nn.ModuleList(nn.LayerNorm(8) for _ in picks), nn.ModuleList(
+                nn.GroupNorm(4, 8) for _ in picks)
+            self.scale = nn.Parameter(torch.rand(len(picks), 8, 1, 1) + 0.5)
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.stem(x)
+            for i, kind in enumerate(picks):
+                c = self.convs[i](h)
+                if kind == "gelu":
+                    h = F.gelu(c)
+                elif kind == "ln":
+                    h = self.lns[i](c.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+                elif kind == "gn":
+                    h = F.relu(self.gns[i](c))
+                elif kind == "scale":
+                    h = h + c * self.scale[i]
+                elif kind == "shuffle":
+                    h = torch.channel_shuffle(F.hardswish(c), 2)
+                elif kind == "attn":
+                    t = c.flatten(2)
+                    h = h + (t @ (t.transpose(1, 2) @ t).softmax(-1)).view_as(c)
+                elif kind == "pad_slice":
+                    h = F.pad(c[:, :, 1:, 1:], (1, 0, 1, 0))
+                elif kind == "silu_res":
+                    h = h + F.silu(c)
+                else:
+                    h = c.roll((1, -1), (2, 3)).tanh()
+            return self.fc(h.mean((2, 3)))
+    return Net()
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_nets_equal_their_twin(seed: int) -> None:
+    torch.manual_seed(seed)
+    model = _random_net(seed).eval()
+    assert twin_error(model, torch.randn(2, 3, 6, 6), torch.tensor([0, 3])) < 1e-6
+
+
+class BiasFree(nn.Module):
+    """Every class without a bias: LRP-0 must conserve relevance exactly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.ln = nn.LayerNorm(8, bias=False)
+        self.w = nn.Parameter(torch.randn(8, 8) / 3)
+        self.fc = nn.Linear(8, 4, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.a(x))
+        h = F.pad(h[:, :, ::2, ::2], (1, 1, 1, 1)).permute(0, 2, 3, 1)
+        h = self.ln(h) @ self.w
+        t = h.flatten(1, 2)
+        t = (t @ t.transpose(1, 2)).softmax(-1) @ t
+        return self.fc(F.silu(t).mean(1) * 3.0)
+
+
+def test_bias_free_networks_conserve_relevance_exactly() -> None:
+    torch.manual_seed(0)
+    model = BiasFree().eval()
+    x, target = torch.randn(3, 3, 8, 8), torch.tensor([0, 1, 3])
+    relevance, logits = lrpfx.compile(model, "lrp0")(x, target)
+    top = logits.gather(1, target[:, None]).squeeze(1)
+    assert torch.allclose(relevance.flatten(1).sum(1), top, rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------- the adjoints, against autograd's Jacobian
+def _jacobian_transpose(f, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    jac = torch.autograd.functional.jacobian(f, a)                  # out.shape + a.shape
+    return (jac.reshape(s.numel(), a.numel()).T @ s.reshape(-1)).reshape(a.shape)
+
+
+ROUTES = {
+    "strided slice": lambda t: t[:, :, ::2, 1:],
+    "pad reflect": lambda t: F.pad(t, (1, 2, 0, 1), mode="reflect"),
+    "permute": lambda t: t.permute(0, 2, 3, 1),
+    "expand": lambda t: t[:, :1].expand(-1, 3, -1, -1),
+    "roll": lambda t: t.roll(2, 3),
+    "nearest": lambda t: F.interpolate(t, size=(7, 5), mode="nearest"),
+    "pixel_shuffle": lambda t: F.pixel_shuffle(t, 2),
+    "repeat": lambda t: t.repeat(1, 2, 1, 1),
+    "unfold": lambda t: t.unfold(2, 2, 1),
+}
+
+
+@pytest.mark.parametrize("name", list(ROUTES))
+def test_route_back_is_the_transposed_jacobian(name: str) -> None:
+    f = ROUTES[name]
+    a = torch.randn(2, 4, 4, 6)
+    s = torch.randn_like(f(a))
+    index = f(adjoints.source_index(a, floating=name == "nearest"))
+    got, = adjoints.route_back(s, index, a)
+    assert torch.allclose(got, _jacobian_transpose(f, a, s), atol=1e-12)
+
+
+LINEAR = {
+    "times": (lambda t: t * W4, lambda s, a: adjoints.times(s, a, W4)),
+    "matmul_right": (lambda t: t @ M, lambda s, a: adjoints.matmul_right(s, a, M)),
+    "matmul_left": (lambda t: M[:5].T @ t, lambda s, a: adjoints.matmul_left(s, a, M[:5].T)),
+    "mean": (lambda t: t.mean((1, 3)), lambda s, a: adjoints.reduced(s, a, (1, 3), False, mean=True)),
+    "sum keepdim": (lambda t: t.sum(-1, keepdim=True), lambda s, a: adjoints.reduced(s, a, -1, True, mean=False)),
+    "bilinear": (lambda t: F.interpolate(t, scale_factor=1.7, mode="bilinear"),
+                 lambda s, a: adjoints.interpolate_linear(s, a, None, 1.7, "bilinear", False)),
+    "einsum": (lambda t: torch.einsum("nchw,cd->ndhw", t, M[:4, :3]),
+               lambda s, a: adjoints.einsum_operand(s, "nchw,cd->ndhw", 0, a, M[:4, :3])),
+}
+W4 = torch.randn(1, 4, 1, 6)
+M = torch.randn(6, 6)
+
+
+@pytest.mark.parametrize("name", list(LINEAR))
+def test_linear_transposes_are_the_transposed_jacobian(name: str) -> None:
+    f, transpose = LINEAR[name]
+    a = torch.randn(2, 4, 5, 6)
+    s = torch.randn_like(f(a))
+    assert torch.allclose(transpose(s, a), _jacobian_transpose(f, a, s), atol=1e-12)
+
+
+@pytest.mark.parametrize("norm,call", [
+    (nn.LayerNorm(6), lambda s, a, m: adjoints.layer_norm(s, a, m.weight, ndim=1, eps=m.eps)),
+    (nn.GroupNorm(2, 4), lambda s, a, m: adjoints.group_norm(s, a, m.weight, groups=2, eps=m.eps)),
+    (nn.RMSNorm(6, eps=1e-5), lambda s, a, m: adjoints.layer_norm(s, a, m.weight, ndim=1, eps=m.eps,
+                                                                  centered=False)),
+])
+def test_norm_transposes_hold_the_std(norm: nn.Module, call) -> None:
+    """Against the Jacobian of the twin norm (std detached), by autograd."""
+    from lrpfx.eval import twin
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand_like(norm.weight) + 0.5)
+    a = torch.randn(2, 4, 5, 6)
+    held = {nn.LayerNorm: lambda t: twin.layer_norm(t, 6, norm.weight, None, norm.eps),
+            nn.GroupNorm: lambda t: twin.group_norm(t, 2, norm.weight, None, norm.eps),
+            nn.RMSNorm: lambda t: twin.rms_norm(t, 6, norm.weight, norm.eps)}[type(norm)]
+    s = torch.randn_like(a)
+    assert torch.allclose(call(s, a, norm), _jacobian_transpose(held, a, s), atol=1e-10)
+
+
+# ----------------------------------------------------------------- declaring ops, binding by type, errors
+def my_act(x: torch.Tensor) -> torch.Tensor:
+    """A user's activation that fx would trace into a product of two activations."""
+    return x * torch.tanh(F.softplus(x))
+
+
+class UsesMyAct(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(my_act(self.a(x)).mean((2, 3)))
+
+
+def test_a_user_declares_an_activation_in_one_line() -> None:
+    torch.manual_seed(0)
+    model = UsesMyAct().eval()
+    with pytest.raises(lrpfx.UnmatchedNodeError, match=r"(?s)mul.*a product of two input-dependent values"):
+        lrpfx.compile(model, "lrp0")
+    lrpfx.register_op(my_act, kind="elementwise")
+    try:
+        with pytest.raises(lrpfx.RegistryError, match=r"'my_act' is already declared as 'elementwise'"):
+            lrpfx.register_op(my_act, kind="elementwise")
+        x, target = torch.randn(2, 3, 6, 6), torch.tensor([0, 1])
+        relevance = lrpfx.compile(model, "lrp0")(x, target)[0]
+        z = model.a(x)
+        ratio = (my_act(z) / z).detach()
+        twin_fc = lambda t: model.fc((model.a(t) * ratio).mean((2, 3)))  # noqa: E731 - the hand-made twin
+        xg = x.clone().requires_grad_(True)
+        grad, = torch.autograd.grad(twin_fc(xg).gather(1, target[:, None]).sum(), xg)
+        reference = x * grad
+        assert ((relevance - reference).norm() / reference.norm()).item() < 1e-6
+    finally:
+        lrpfx.unregister_op(my_act)
+
+
+def test_register_op_refuses_unknown_classes() -> None:
+    with pytest.raises(lrpfx.RegistryError, match=r"kind='activation' is not one of \('routing'"):
+        lrpfx.register_op(torch.exp, kind="activation")
+
+
+class Scale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.rand(4) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.s.view(1, -1, 1, 1)
+
+
+def test_bindings_by_module_type() -> None:
+    """``bindings={MyLayer: rule}``: the module stays one call and takes the bound rule."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), Scale(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2)).eval()
+    plan = lrpfx.inspect(model, "epsilon", bindings={Scale: lrpfx.Identity()})
+    row = next(r for r in plan.rows() if r[1] == "Scale")
+    assert row[2].startswith("module:") and row[3] == "Identity()"
+    relevance, logits = lrpfx.compile(model, "lrp0", bindings={Scale: lrpfx.Identity()})(torch.randn(2, 3, 6, 6))
+    assert torch.isfinite(relevance).all() and relevance.abs().sum() > 0
+
+
+def test_swin_window_attention_is_refused_with_its_reason() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.swin_t(weights=None).eval()
+    with pytest.raises(lrpfx.UnmatchedNodeError, match=r"(?s)shifted_window_attention.*not in the op table.*"
+                                                       r"register_op\("):
+        lrpfx.compile(model, "lrp0")
+
+
+def test_the_table_does_not_change_the_forward() -> None:
+    torch.manual_seed(0)
+    for cls in MODELS.values():
+        model = cls().eval()
+        x = torch.randn(2, 3, 8, 8)
+        assert torch.allclose(lrpfx.compile(model, "c3_lrp")(x)[1], model(x), atol=1e-12)
+
+
+def test_the_users_model_is_not_modified() -> None:
+    torch.manual_seed(0)
+    model = Elementwise(nn.SiLU(inplace=True)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lrpfx.compile(model, "lrp0")
+    assert model.act.inplace is True
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+_ = operator  # the module is imported for readers who follow the canonical spellings
