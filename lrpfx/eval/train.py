@@ -7,7 +7,10 @@ previous epoch), so the model never sees an image twice and needs no augmentatio
 ``--train-size N`` to cycle through a fixed set of N images instead. SGD with Nesterov
 momentum or (the default) AdamW, with a one-cycle learning-rate schedule; cross-entropy (for the ABN, the sum of
 both branches' cross-entropies). Writes ``<out>/<model>.safetensors`` and
-``<out>/<model>.json`` (classes, mean/std, test accuracy, the command, seed, wall time).
+``<out>/<model>.json`` (classes, mean/std, validation and test accuracy, the command, seed,
+wall time). Accuracy is logged every epoch on the *validation* split (``--val-size`` images of
+split "val"), which is what any model selection may look at; the test split is evaluated once,
+after the last epoch.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epoch-size", type=int, default=12_800, help="training images per epoch")
     p.add_argument("--train-size", type=int, default=0, help="cycle a fixed set of this many images (0: fresh)")
     p.add_argument("--test-size", type=int, default=2000)
+    p.add_argument("--val-size", type=int, default=2000, help="validation images, logged every epoch")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--optimizer", choices=("sgd", "adamw"), default="adamw")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the one-cycle schedule")
@@ -101,12 +105,14 @@ def make_optimizer(model: nn.Module, args: argparse.Namespace) -> tuple[torch.op
     return opt, sched
 
 
-def metadata(args: argparse.Namespace, accuracy: float, wall: float, log: list[dict[str, float]]) -> dict[str, Any]:
+def metadata(args: argparse.Namespace, accuracy: float, wall: float, log: list[dict[str, float]],
+             val_accuracy: float | None = None) -> dict[str, Any]:
     """The JSON written next to the weights."""
     return {
         "name": args.model, "classes": list(CLASSES), "mean": list(MEAN), "std": list(STD),
-        "image_size": args.size, "test_accuracy": accuracy,
+        "image_size": args.size, "test_accuracy": accuracy, "val_accuracy": val_accuracy,
         "test_set": {"split": "test", "n": args.test_size, "seed": args.seed},
+        "val_set": {"split": "val", "n": args.val_size, "seed": args.seed},
         "command": "python -m lrpfx.eval.train " + " ".join(sys.argv[1:]), "seed": args.seed,
         "threads": args.threads, "wall_time_s": round(wall, 1), "epochs_run": len(log), "log": log,
         "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
@@ -119,17 +125,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     model = build(args.model, num_classes=len(CLASSES)).to(memory_format=torch.channels_last)
     opt, sched = make_optimizer(model, args)
-    test_x, test_y, _ = generate_batch(0, args.test_size, split="test", size=args.size, seed=args.seed)
-    t0, log, acc = time.perf_counter(), [], 0.0
+    val_x, val_y, _ = generate_batch(0, args.val_size, split="val", size=args.size, seed=args.seed)
+    t0, log, val = time.perf_counter(), [], 0.0
     for epoch in range(args.epochs):
         loss = train_epoch(model, opt, sched, args, epoch * (args.epoch_size // args.batch_size))
-        acc = evaluate(model, test_x, test_y)
-        log.append({"epoch": epoch + 1, "loss": round(loss, 4), "test_accuracy": acc,
+        val = evaluate(model, val_x, val_y)
+        log.append({"epoch": epoch + 1, "loss": round(loss, 4), "val_accuracy": val,
                     "minutes": round((time.perf_counter() - t0) / 60, 2)})
         print(json.dumps(log[-1]), flush=True)
         if args.max_minutes and time.perf_counter() - t0 > 60 * args.max_minutes:
             break
-    meta = metadata(args, acc, time.perf_counter() - t0, log)
+    # the test split is touched once, after training
+    test_x, test_y, _ = generate_batch(0, args.test_size, split="test", size=args.size, seed=args.seed)
+    acc = evaluate(model, test_x, test_y)
+    meta = metadata(args, acc, time.perf_counter() - t0, log, val)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_state(model.to(memory_format=torch.contiguous_format), out / args.model)
