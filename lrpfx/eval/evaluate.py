@@ -1,11 +1,17 @@
 """The ground-truth evaluation: ``lrpfx eval`` / ``python -m lrpfx.eval.evaluate``.
 
 Every method explains the same generated test images of the synthetic shapes benchmark for
-the same classes (the ground truth, as the ECCV metric does), and every map is scored with the
-metrics of METHOD_SPEC §5 against the objects' masks: patch insertion/deletion and the ID score
-(ECCV protocol, step scaled to the image), the pointing game, relevance mass and rank accuracy,
-the IoU of the attended region, the IA/OA/WA class of every failure, and, for the LRP methods,
-conservation (sum of the map over the output relevance).
+the same class (the model's prediction by default, as the ECCV code does; ``--target
+ground_truth`` for the label), and every map is scored the same way against the objects' masks
+(METHOD_SPEC §5): insertion/deletion and the ID score twice, tie-robust (the headline: tied
+pixels enter in a random order, averaged over ``--tie-seeds`` seeds) and as the ECCV code does
+it (ties enter together); the pointing game at tolerance 0 (any tied maximum, as Quantus) and
+at 15 px scaled to the image; relevance mass and rank accuracy on R+ and signed (Quantus'
+convention); the IoU of R+ > mean(R+) and the IA/OA/WA labels of that same set for every map,
+at a sweep of thresholds; and, for the LRP methods, conservation. The C3 stage is applied like
+for like ("+ C3" rows for LRP, Grad-CAM and Input x Gradient; both rankings for C3-LRP), beside
+content-free controls (a random map, a centred Gaussian blob), the binary C3 mask alone and
+the ground-truth mask. ABN's attention is scored with the ABN model, in its own block.
 """
 from __future__ import annotations
 
