@@ -1,7 +1,8 @@
 """`lrpfx explain` as a batch job (issue #17): keys, resume, fault isolation, durable writes, decoding, errors.
 
 Every case runs the command in-process (``main(argv)``) on a tiny user-file model and generated
-images of 32-48 px, except the kill -9 test, which needs a subprocess.
+images of 32-48 px. The kill -9 and concurrent-run tests need real processes: they are in
+tests/integration/test_cli_processes.py.
 """
 from __future__ import annotations
 
@@ -9,10 +10,7 @@ import errno
 import fcntl
 import json
 import os
-import signal
 import struct
-import subprocess
-import sys
 import time
 import zlib
 from pathlib import Path
@@ -384,66 +382,6 @@ def test_a_second_run_on_the_same_folder_is_refused(model, tmp_path: Path, capsy
     finally:
         os.close(fd)
     assert _explain(model, tmp_path / "in", out) == 0  # the lock is gone with its holder
-
-
-def test_kill_9_then_resume_gives_identical_results(model, tmp_path: Path) -> None:
-    src = tmp_path / "in"
-    for i in range(20):
-        _image(src / f"{i:02d}.png", i)
-    clean = tmp_path / "clean"
-    assert _explain(model, src, clean, "--batch-size", "1") == 0
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "lrpfx.cli", "explain", str(src), "--model", model[0], "--weights", str(model[1]),
-           "--out", str(out), "--size", "32", "--batch-size", "1", "--workers", "0", "--quiet"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while len(list(out.glob("*.png.json"))) < 3 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-    finished = sorted(out.glob("*.png.json"))
-    assert 3 <= len(finished) < 20, "the run was not killed midway"
-    items = {it.key: it for it in batch.find_images([str(src)])}
-    fp = json.loads((out / batch.MANIFEST).read_text())["fingerprint"]
-    for record in finished:  # whatever a reader can see under a final name is complete
-        item = items[record.name[: -len(".json")]]
-        assert batch.is_done(out, item, fp, c3=False)
-    for f in out.glob("*.png.*"):
-        if f.suffix == ".npy":
-            np.load(f)
-    assert _explain(model, src, out, "--batch-size", "1") == 0
-    for f in sorted(clean.glob("*.png.*")):
-        assert (out / f.name).read_bytes() == f.read_bytes(), f.name
-    strip = [{k: v for k, v in r.items() if k not in ("image",)} for r in _records(clean)]
-    assert strip == [{k: v for k, v in r.items() if k not in ("image",)} for r in _records(out)]
-    assert not _temporaries(out)
-
-
-def test_two_concurrent_runs_lose_nothing(model, tmp_path: Path) -> None:
-    """Two processes started at once on one output folder: one runs, the other refuses or finds it done."""
-    src = tmp_path / "in"
-    for i in range(20):
-        _image(src / f"{i:02d}.png", i)
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "lrpfx.cli", "explain", str(src), "--model", model[0], "--weights", str(model[1]),
-           "--out", str(out), "--size", "32", "--batch-size", "1", "--workers", "0", "--quiet"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
-    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
-    for p in procs:
-        p.stdout.close()
-        p.stderr.close()
-    assert sorted(code for code, _ in results) in ([0, 0], [0, 2]), results
-    for code, err in results:
-        if code == 2:
-            assert err.startswith("lrpfx: error: another `lrpfx explain`") and "Traceback" not in err
-    records = _records(out)
-    assert len(records) == 20 and all(r["status"] == "ok" for r in records)
-    assert not _temporaries(out)
 
 
 # ------------------------------------------------------------------ environment errors: one line, exit 2

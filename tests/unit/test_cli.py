@@ -1,10 +1,12 @@
-"""The lrpfx command, driven through its main function and in subprocesses."""
+"""The lrpfx command, driven in-process through its parser and main(argv).
+
+The tests that need real processes (the `python -m lrpfx.cli` smoke test, torchrun) are in
+tests/integration/test_cli_processes.py.
+"""
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -90,9 +92,13 @@ def test_code_carrying_pickle_is_refused_by_default(tmp_path: Path) -> None:
         load_weights(path)
 
 
-def test_inspect_and_export(weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_inspect(capsys: pytest.CaptureFixture) -> None:
     assert cli.main(["inspect", "torchvision:resnet18", "--rules", "c3_lrp"]) == 0
     assert "basic_block" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # an ONNX export
+def test_export(weights: Path, tmp_path: Path) -> None:
     out = tmp_path / "r18.onnx"
     assert cli.main(["export", "torchvision:resnet18", "--weights", str(weights), "--format", "onnx",
                      "--out", str(out), "--size", "32"]) == 0
@@ -109,26 +115,20 @@ def test_user_model_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert "AdaptiveAvgPool2d" in capsys.readouterr().out
 
 
-def test_help_of_every_command() -> None:
+def test_help_of_every_command(capsys: pytest.CaptureFixture) -> None:
     for command in ("demo", "explain", "inspect", "export"):
-        proc = subprocess.run([sys.executable, "-m", "lrpfx.cli", command, "--help"], capture_output=True, text=True)
-        assert proc.returncode == 0 and "usage: lrpfx" in proc.stdout
+        with pytest.raises(SystemExit) as done:
+            cli.main([command, "--help"])
+        assert done.value.code == 0 and "usage: lrpfx" in capsys.readouterr().out
 
 
-def test_torchrun_shards_and_union_equals_single_process(images: Path, weights: Path, tmp_path: Path) -> None:
-    single = tmp_path / "single"
-    assert _explain(images, weights, single) == 0
-    sharded = tmp_path / "sharded"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
-           "-m", "lrpfx.cli", "explain", str(images), "--model", "torchvision:resnet18", "--weights", str(weights),
-           "--out", str(sharded), "--size", "32", "--batch-size", "2", "--workers", "0", "--quiet"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    a = [json.loads(x) for x in (single / "results.jsonl").read_text().splitlines()]
-    b = [json.loads(x) for x in (sharded / "results.jsonl").read_text().splitlines()]
-    assert [r["image"] for r in a] == [r["image"] for r in b]
-    assert all(abs(x["relevance_sum"] - y["relevance_sum"]) <= 1e-4 * (1 + abs(x["relevance_sum"]))
-               for x, y in zip(a, b))
-    for f in single.rglob("*.relevance.npy"):
-        assert np.allclose(np.load(f), np.load(sharded / f.relative_to(single)), atol=1e-5)
+def test_parser_knows_every_command_and_its_defaults() -> None:
+    p = cli.parser()
+    args = p.parse_args(["explain", "a.png", "b/", "--model", "torchvision:resnet18"])
+    assert args.command == "explain" and args.inputs == ["a.png", "b/"] and args.rules == "epsilon_plus_flat"
+    assert (args.target, args.out, args.device, args.batch_size, args.workers) == ("auto", "lrpfx-out", "cpu", 16, 2)
+    args = p.parse_args(["export", "bundled", "--out", "e.onnx"])
+    assert (args.format, args.c3, args.fixed_size, args.no_target_input) == ("onnx", False, False, False)
+    assert p.parse_args(["inspect", "bundled"]).rules == "epsilon_plus_flat"
+    with pytest.raises(SystemExit):  # a missing required option is argparse's exit 2
+        p.parse_args(["explain", "a.png"])
