@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,3 +52,18 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture
 def resnet18_f64() -> torch.nn.Module:
     return tv_model("resnet18")
+
+
+SNAPSHOTS = Path(__file__).parent / "snapshots"
+
+
+def assert_snapshot(name: str, text: str) -> None:
+    """``text`` equals the stored snapshot ``tests/snapshots/<name>``; a missing snapshot fails.
+
+    Write or rewrite snapshots only on purpose, with LRPFX_UPDATE_SNAPSHOTS=1, and read the diff.
+    """
+    path = SNAPSHOTS / name
+    if os.environ.get("LRPFX_UPDATE_SNAPSHOTS", "") not in ("", "0"):
+        path.write_text(text)
+    assert path.exists(), f"no snapshot {path}: write it with LRPFX_UPDATE_SNAPSHOTS=1 and review it"
+    assert text == path.read_text(), f"the text differs from {path} (LRPFX_UPDATE_SNAPSHOTS=1 rewrites it)"
