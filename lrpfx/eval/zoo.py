@@ -102,12 +102,11 @@ def torchvision_specs(max_params: float = 100e6) -> list[str]:
     import torchvision
     out = []
     for name in torchvision.models.list_models(module=torchvision.models):
-        kwargs: dict[str, Any] = {"image_size": 64} if name.startswith("vit_") else {}
         try:
             with torch.device("meta"):  # no memory, no init time
-                m = torchvision.models.get_model(name, weights=None, num_classes=10, **kwargs)
+                m = torchvision.models.get_model(name, weights=None, num_classes=10)
         except NotImplementedError:  # an initializer that copies data
-            m = torchvision.models.get_model(name, weights=None, num_classes=10, **kwargs)
+            m = torchvision.models.get_model(name, weights=None, num_classes=10)
         if sum(p.numel() for p in m.parameters()) <= max_params:
             out.append(name)
     return out
