@@ -27,6 +27,8 @@ from lrpfx.compiler.match import plan
 from lrpfx.relevance.ruleset import RuleSet
 from lrpfx.compiler.trace import trace
 
+pytestmark = pytest.mark.slow  # a sweep over published architectures (torchvision and timm)
+
 timm = pytest.importorskip("timm")
 
 X_SHAPE = (1, 3, 64, 64)

@@ -12,6 +12,8 @@ import torch
 import lrpfx
 from conftest import rel_err, tv_model
 
+pytestmark = pytest.mark.slow  # exports (ONNX, torch.export, torch.compile) of ResNet-18 and ResNet-50
+
 ort = pytest.importorskip("onnxruntime")
 
 

@@ -13,6 +13,8 @@ import lrpfx
 from conftest import rel_err, tv_model
 from lrpfx.export import ExportError
 
+pytestmark = pytest.mark.slow  # torch.export and ONNX programs
+
 
 @pytest.fixture(scope="module")
 def avgpool_model() -> torch.nn.Module:

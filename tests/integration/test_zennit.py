@@ -21,6 +21,8 @@ from zennit.attribution import Gradient  # noqa: E402
 from zennit.composites import EpsilonAlpha2Beta1Flat, EpsilonGammaBox, EpsilonPlusFlat  # noqa: E402
 from zennit.torchvision import ResNetCanonizer, VGGCanonizer  # noqa: E402
 
+pytestmark = pytest.mark.slow  # ResNet-50 and VGG-16 against zennit
+
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 

@@ -425,6 +425,7 @@ def test_fx_call_function_node_with_literal_kwargs() -> None:
     assert "c3_tensor" in gm.code and "connectivity = 4" in gm.code
 
 
+@pytest.mark.slow  # torch.export and ONNX
 def test_torch_export_onnx_and_compile_give_the_eager_masks() -> None:
     """One trace serves torch.export, ONNX (run in onnxruntime) and torch.compile(fullgraph=True)."""
     ort = pytest.importorskip("onnxruntime")

@@ -231,6 +231,7 @@ def test_cli_explain_with_c3_on_photos_of_mixed_sizes(photos: Path, tmp_path: Pa
         assert np.array_equal(mask, expected)
 
 
+@pytest.mark.slow  # torch.export and ONNX
 def test_cli_export_with_c3_runs_at_any_size_with_targets(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """`lrpfx export bundled --c3`: a torch.export program with the target input (-1: predicted)."""
     from lrpfx.cli import commands

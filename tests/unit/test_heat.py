@@ -126,6 +126,7 @@ class _Heat(torch.nn.Module):
         return heat_quantize(x, 8)
 
 
+@pytest.mark.slow  # torch.export and ONNX
 def test_torch_form_exports_and_compiles() -> None:
     ort = pytest.importorskip("onnxruntime")
     x = torch.randn(3, 1, 12, 12)

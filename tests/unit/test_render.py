@@ -114,5 +114,5 @@ def test_comparison_grid_without_matplotlib(monkeypatch: pytest.MonkeyPatch, tmp
 
 
 def test_example_image_is_small() -> None:
-    example = Path(__file__).parents[1] / "docs" / "img" / "c3_example.png"
+    example = Path(__file__).parents[2] / "docs" / "img" / "c3_example.png"
     assert example.is_file() and example.stat().st_size < 200_000
