@@ -11,6 +11,13 @@ import torchvision
 torch.set_num_threads(int(os.environ.get("LRPFX_TEST_THREADS", "2")))
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """The fast run (``-m "not slow"``) draws fewer hypothesis examples (profile ``fast`` in
+    tests/unit/test_properties.py); the full run keeps ``ci``. LRPFX_HYPOTHESIS_PROFILE overrides both."""
+    if config.getoption("markexpr", "").replace(" ", "") == "notslow":
+        os.environ.setdefault("LRPFX_HYPOTHESIS_PROFILE", "fast")
+
+
 def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Give every BatchNorm non-trivial running statistics and affine parameters (no weights here)."""
     g = torch.Generator().manual_seed(seed)

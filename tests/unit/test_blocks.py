@@ -18,9 +18,10 @@ def _blocks(plan: lrpfx.Plan) -> list:
 
 
 @pytest.mark.parametrize("arch,pattern,count,projections", [
-    ("resnet18", "basic_block", 8, 3), ("resnet34", "basic_block", 16, 3), ("resnet50", "bottleneck", 16, 4),
-    ("resnet101", "bottleneck", 33, 4), ("resnet152", "bottleneck", 50, 4),
-    ("resnext50_32x4d", "bottleneck", 16, 4), ("wide_resnet50_2", "bottleneck", 16, 4),
+    ("resnet18", "basic_block", 8, 3), ("resnet50", "bottleneck", 16, 4),
+    *(pytest.param(*case, marks=pytest.mark.slow) for case in [  # the rest of the zoo
+        ("resnet34", "basic_block", 16, 3), ("resnet101", "bottleneck", 33, 4), ("resnet152", "bottleneck", 50, 4),
+        ("resnext50_32x4d", "bottleneck", 16, 4), ("wide_resnet50_2", "bottleneck", 16, 4)]),
 ])
 def test_block_counts(arch: str, pattern: str, count: int, projections: int) -> None:
     blocks = _blocks(lrpfx.inspect(tv_model(arch, dtype=torch.float32), "c3_lrp"))
@@ -108,7 +109,7 @@ def test_near_miss_falls_back_to_per_op_rules_and_is_reported() -> None:
 
 
 # ------------------------------------------------------------------ dense_eps (Formulation A)
-@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("arch", ["resnet18", pytest.param("resnet50", marks=pytest.mark.slow)])
 def test_dense_eps_at_zero_composed_is_input_x_gradient(arch: str) -> None:  # §7.2
     model = tv_model(arch)
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
@@ -198,7 +199,7 @@ def test_dense_zplus_equals_explicit_jacobian_of_positive_twin() -> None:
     assert torch.allclose(r_x.flatten(), expected, rtol=1e-9, atol=1e-14)
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("arch", ["resnet18", pytest.param("resnet50", marks=pytest.mark.slow)])
 def test_c3_lrp_is_non_negative_and_conserves_per_block(arch: str) -> None:  # §7.3, §7.4
     model = tv_model(arch)
     x = torch.rand(2, 3, 64, 64, dtype=torch.float64)  # non-negative input
@@ -244,6 +245,7 @@ def test_eccv_mode_table(mode: str, s_split: str, d_split: str) -> None:
     assert rule.block_split(Op("bottleneck", "b", [], None, None, attrs={"projection": True})) == d_split
 
 
+@pytest.mark.slow  # ResNet-50
 def test_eccv_split_shares_sum_to_the_block_relevance() -> None:
     """Per block, R_x = R_m-path + R_s-path and both paths conserve (z+ without bias): sum R_x = sum R_O."""
     model = tv_model("resnet50")
@@ -309,6 +311,7 @@ def _reference_eccv(model: nn.Module, x: torch.Tensor, fold: bool) -> torch.Tens
     return _zplus_autograd(conv_plus(model.conv1, model.bn1), ones, rel)  # the all-ones first layer
 
 
+@pytest.mark.slow  # ResNet-50
 @pytest.mark.parametrize("batchnorm", ["fold", "pass"])
 def test_eccv2024_matches_independent_reference(batchnorm: str) -> None:
     model = tv_model("resnet50")
@@ -323,6 +326,7 @@ def test_eccv2024_matches_independent_reference(batchnorm: str) -> None:
     assert (relevance >= 0).all()
 
 
+@pytest.mark.slow  # ResNet-50
 @pytest.mark.parametrize("inner", ["eccv", "dense_eps"])
 def test_renorm_conserves_every_block(inner: str) -> None:  # METHOD_SPEC §2 C
     from lrpfx.relevance.rules import Renormalize

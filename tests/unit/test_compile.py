@@ -30,7 +30,7 @@ bind = [
 ]""")
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("arch", ["resnet18", pytest.param("resnet50", marks=pytest.mark.slow)])
 def test_bias_free_rules_conserve_relevance(arch: str) -> None:  # METHOD_SPEC §7.3
     model = tv_model(arch)
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
@@ -62,7 +62,7 @@ def test_generated_forward_has_no_autograd_and_no_hooks(resnet18_f64: nn.Module)
     assert provenance and all("rule" in m for m in provenance)
 
 
-SNAPSHOT_RULES = ["epsilon_plus_flat"]  # tests/snapshots/resnet18_<rules>.py.txt
+SNAPSHOT_RULES = lrpfx.builtin_rulesets()  # one per built-in rule set: tests/snapshots/resnet18_<rules>.py.txt
 
 
 @pytest.mark.parametrize("rules", SNAPSHOT_RULES)

@@ -12,7 +12,7 @@ from conftest import input_x_gradient, rel_err, tv_model
 ARCHS = ["resnet18", "resnet34", "resnet50", "resnext50_32x4d", "wide_resnet50_2"]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [a if a == "resnet18" else pytest.param(a, marks=pytest.mark.slow) for a in ARCHS])
 def test_lrp0_equals_input_x_gradient(arch: str) -> None:
     model = tv_model(arch)
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)

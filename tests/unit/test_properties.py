@@ -13,8 +13,10 @@ ops, several ways to add, flatten and pool). For every drawn network:
 * z+ rule sets give non-negative relevance for a non-negative input and a positive output relevance;
 * the relevance of a sample does not depend on the rest of the batch, and results are deterministic.
 
-Bounded and seeded by default (``derandomize``, a few examples); a larger, randomized run:
-``LRPFX_HYPOTHESIS_PROFILE=nightly pytest tests/test_properties.py``.
+Bounded and seeded by default (``derandomize``, 25 examples, the profile ``ci``); the fast run
+(``pytest tests/unit -m "not slow"``) takes the profile ``fast`` (4 examples plus the explicit ones,
+see tests/conftest.py); a larger, randomized run:
+``LRPFX_HYPOTHESIS_PROFILE=nightly pytest tests/unit/test_properties.py``.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from lrpfx.relevance.rules import DenseEpsilon, DenseZPlus, EccvSplit  # noqa: E
 
 _COMMON = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large]}
 PROFILES = {
+    "fast": settings(max_examples=4, derandomize=True, database=None, **_COMMON),  # the fast run (-m "not slow")
     "ci": settings(max_examples=25, derandomize=True, database=None, **_COMMON),
     "nightly": settings(max_examples=300, **_COMMON),
 }
