@@ -8,6 +8,8 @@ import lrpfx
 from conftest import tv_model
 from lrpfx.postprocess import c3_opencv
 
+pytestmark = pytest.mark.slow  # ResNet-50
+
 
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
