@@ -3,7 +3,7 @@
     python benchmarks/gpu_check.py --json gpu_check.json
 
 1. LRP-0 in float64 on the GPU equals autograd's Input x Gradient on the GPU (the oracle of
-   tests/test_oracle_ixg.py, here with cuDNN's kernels).
+   tests/unit/test_oracle_ixg.py, here with cuDNN's kernels).
 2. ``c3_lrp`` with the C3 stage in float32 (TF32 off) on the GPU against the CPU: relative L2
    error of the relevance and the share of identical C3 mask pixels.
 3. ``c3_lrp`` in bfloat16 on the GPU against float32 on the GPU: finite, relative L2, cosine.
