@@ -42,15 +42,6 @@ import torch.nn.functional as F
 from lrpfx.errors import RegistryError
 from lrpfx.relevance.adjoints import split_item
 
-def _torchvision_routing() -> tuple[Callable, ...]:
-    """torchvision's fx-wrapped functions that only move elements (Swin's patch-merging pad and slicing)."""
-    try:
-        from torchvision.models import swin_transformer
-    except ImportError:  # pragma: no cover - torchvision is a core dependency
-        return ()
-    return (swin_transformer._patch_merging_pad,)
-
-
 #: the op classes a user can declare an op as
 OP_CLASSES: tuple[str, ...] = ("routing", "linear_op", "elementwise", "norm", "held", "shape")
 
@@ -59,7 +50,6 @@ ROUTING_FUNCTIONS: set[Callable] = {
     torch.select, torch.stack, torch.t, torch.unflatten, torch.tile, torch.index_select, torch.gather,
     torch.take_along_dim, torch.repeat_interleave, torch.squeeze, torch.unsqueeze, F.pad, F.pixel_shuffle,
     F.pixel_unshuffle, torch.channel_shuffle, operator.getitem, split_item, torch.clone,
-    *_torchvision_routing(),
 }
 ROUTING_METHODS: set[str] = {
     "permute", "transpose", "swapaxes", "movedim", "contiguous", "expand", "expand_as", "repeat", "roll", "flip",
@@ -134,10 +124,16 @@ def wrapped_functions() -> tuple[Callable, ...]:
     return tuple(found)
 
 
+#: routing helpers of libraries, as (module, function name): timm's size-dependent padding, and the
+#: patch-merging pad of torchvision's Swin (an fx-wrapped function that only pads and slices). Looked
+#: up in ``sys.modules`` only, so that ``import lrpfx`` imports neither library.
+_LIBRARY_ROUTING = (("timm.layers.padding", "pad_same"), ("torchvision.models.swin_transformer", "_patch_merging_pad"))
+
+
 def _library_routing(target: Callable) -> bool:
-    """A routing helper of a library (see :func:`wrapped_functions`)."""
-    timm_padding = sys.modules.get("timm.layers.padding")
-    return timm_padding is not None and target is getattr(timm_padding, "pad_same", None)
+    """A routing helper of a library that is already imported."""
+    return any(getattr(sys.modules.get(mod), name, None) is target for mod, name in _LIBRARY_ROUTING
+               if mod in sys.modules)
 
 
 def user_module_types() -> tuple[type, ...]:

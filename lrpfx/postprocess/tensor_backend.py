@@ -19,7 +19,6 @@ there a non-finite sample under ``nan_policy="raise"`` yields an all-zero map an
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from lrpfx.errors import InputError
 from lrpfx.postprocess.c3 import (FLT_EPSILON, C3Config, Threshold, area_is_fast, area_scale, area_taps,

@@ -574,11 +574,12 @@ def _float16_in_float32(fn: Any) -> Any:
     layer alone does not; bfloat16 has float32's range and runs as is.
     """
     @functools.wraps(fn)
-    def wrapper(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def wrapper(*args: Any, **kwargs: Any) -> torch.Tensor:
+        x = args[0] if args else kwargs["x"]  # called with keywords from the generated code
         if x.dtype != torch.float16:
-            return fn(x, *args, **kwargs)
+            return fn(*args, **kwargs)
         up = [_to(a, torch.float32) for a in args]
-        return fn(x.float(), *up, **kwargs).half()
+        return fn(*up, **{k: _to(v, torch.float32) for k, v in kwargs.items()}).half()
     return wrapper
 
 

@@ -10,92 +10,20 @@ receives relevance. The math lives in :mod:`lrpfx.relevance.kernels`.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from lrpfx.errors import RuleSetError
 from lrpfx.relevance import adjoints, kernels
-from lrpfx.errors import RegistryError, RuleSetError
+from lrpfx.relevance.base import BlockOp, Call, Op, Rule, register_rule, registered_rules, rule_class
+
+__all__ = ["BlockOp", "Call", "Op", "Rule", "register_rule", "registered_rules", "rule_class"]  # and the rules below
 
 #: op kinds of a linear layer (weights and an optional bias)
 LINEAR_KINDS = frozenset({"conv", "linear"})
 #: op-table kinds whose rule goes through the op's transpose (``op.attrs["transpose"]``)
 TRANSPOSE_KINDS = frozenset({"linear_op", "norm"})
-
-
-@dataclass
-class Op:
-    """One op of the forward graph, as a rule sees it.
-
-    Attributes:
-        kind: the op kind (``conv``, ``linear``, ``batchnorm``, ``relu``, ``hardtanh``, ``maxpool``,
-            ``avgpool``, ``adaptive_avgpool``, ``add``, ``cat``, ``gate``, ``reshape``).
-        node: the name of the forward node (for messages).
-        inputs: handles of the tensor inputs that take relevance, in order.
-        out: handle of the op's forward output.
-        rel: handle of the relevance of ``out``.
-        params: handles of parameters (``weight``, ``bias``, ``running_var``, ...).
-        attrs: static attributes (stride, padding, kernel_size, ...), literals.
-        nonneg: per input, whether it is proven non-negative at compile time.
-    """
-
-    kind: str
-    node: str
-    inputs: list[Any]
-    out: Any
-    rel: Any
-    params: dict[str, Any] = field(default_factory=dict)
-    attrs: dict[str, Any] = field(default_factory=dict)
-    nonneg: list[bool] = field(default_factory=list)
-
-
-@dataclass
-class Call:
-    """A deferred kernel call; arguments may be handles or other calls."""
-
-    fn: Callable[..., Any]
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any] = field(default_factory=dict)
-
-    def evaluate(self) -> Any:
-        """Run the call on real tensors (used by tests and by eager helpers)."""
-        def ev(v: Any) -> Any:
-            return v.evaluate() if isinstance(v, Call) else v
-        return self.fn(*(ev(a) for a in self.args), **self.kwargs)
-
-
-@dataclass(frozen=True)
-class Rule:
-    """Base class of every rule. Subclasses set ``name`` and ``kinds``."""
-
-    name: ClassVar[str] = ""
-    kinds: ClassVar[frozenset[str]] = frozenset()
-    #: how the relevance given to an input relates to that input's value: "proportional"
-    #: (zero where the input is zero, R = a * c), "transmit" (the output's relevance, routed:
-    #: zero where the input is zero if the output's is), or "other" (the safe default)
-    zero_at_zero: ClassVar[str] = "other"
-
-    def apply(self, op: Op) -> tuple[Call, ...]:
-        """One call per entry of ``op.inputs``: the relevance of that input."""
-        raise NotImplementedError
-
-    def ratio_kinds(self) -> frozenset[str]:
-        """Op kinds on which this rule has an exact *ratio form* (see :meth:`apply_ratio`)."""
-        return frozenset()
-
-    def apply_ratio(self, op: Op) -> tuple[Call, ...]:
-        """The rule on ratios: ``op.rel`` holds c with R_out = out * c; returns c_i with R_i = input_i * c_i.
-
-        Only for rules that are proportional with no stabilizer to divide by (LRP-0 and the
-        routings): a network bound to them only is explained by the chain of these calls
-        (the gradient, for LRP-0 on ReLU networks), with no division and no product per
-        layer. Called only for kinds in :meth:`ratio_kinds`.
-        """
-        raise NotImplementedError
-
-    def __str__(self) -> str:
-        args = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self))
-        return f"{type(self).__name__}({args})"
 
 
 def _geometry(op: Op) -> dict[str, Any]:
@@ -517,21 +445,21 @@ ECCV_MODES = {"simple": ("symmetric", False), "flows_skip_simple": ("symmetric",
               "latest": ("ratio", False), "flows_skip": ("ratio", True)}
 
 
-def _block_args(op: Op) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """(weights, skip weight), and the block's static geometry; a pooled shortcut adds ``skip_pool``."""
-    kwargs = {"geometry": op.attrs["geometry"], "skip_geometry": op.attrs["skip_geometry"]}
-    if op.attrs.get("skip_pool") is not None:
-        kwargs["skip_pool"] = op.attrs["skip_pool"]
-    return (op.params["weights"], op.params["skip_weight"]), kwargs
+def _block_tensors(op: Op, *names: str) -> dict[str, Any]:
+    """The block's tensors and static geometry as keyword arguments (None values left out)."""
+    b = op.block
+    assert b is not None, f"{op.node}: a block rule needs a block op"
+    values = {"x": op.inputs[0], "out": op.out, "rel": op.rel, "acts": b.acts, "h_main": b.h_main,
+              "h_skip": b.h_skip, "weights": b.weights, "skip_weight": b.skip_weight, "gate": b.gate,
+              "geometry": b.geometry, "skip_geometry": b.skip_geometry, "skip_pool": b.skip_pool}
+    return {k: values[k] for k in names if values[k] is not None}
 
 
-def _gate(op: Op) -> tuple[Any, ...]:
-    """The gate tensor as a trailing positional argument, for a block that has one."""
-    return () if op.attrs.get("gate") is None else (op.attrs["gate"],)
+_BLOCK_STATIC = ("weights", "skip_weight", "gate", "geometry", "skip_geometry", "skip_pool")
 
 
 def _needs_folded(rule: Rule, op: Op) -> None:
-    if not op.attrs["folded"]:
+    if op.block is None or not op.block.folded:
         raise RuleSetError(f"block {op.node}: rule {rule.name!r} works on the block with BatchNorm folded, but "
                            "this rule set keeps BatchNorm (options.batchnorm = 'pass'). Hint: fold BatchNorm, or "
                            "use the 'eccv' block rule.")
@@ -551,9 +479,8 @@ class DenseEpsilon(Rule):
 
     def apply(self, op: Op) -> tuple[Call, ...]:
         _needs_folded(self, op)
-        (w, sw), geo = _block_args(op)
-        return (Call(kernels.block_dense_eps, (op.inputs[0], op.out, op.rel, op.attrs["acts"], w, sw, *_gate(op)),
-                     {**geo, "eps": self.eps}),)
+        kw = _block_tensors(op, "x", "out", "rel", "acts", *_BLOCK_STATIC)
+        return (Call(kernels.block_dense_eps, (), {**kw, "eps": self.eps}),)
 
 
 @dataclass(frozen=True)
@@ -567,10 +494,8 @@ class DenseZPlus(Rule):
 
     def apply(self, op: Op) -> tuple[Call, ...]:
         _needs_folded(self, op)
-        (w, sw), geo = _block_args(op)
-        return (Call(kernels.block_dense_zplus, (op.inputs[0], op.out, op.rel, op.attrs["acts"], w, sw,
-                                                 *_gate(op)),
-                     {**geo, "eps": self.stabilizer, "nonneg": op.nonneg[0]}),)
+        kw = _block_tensors(op, "x", "out", "rel", "acts", *_BLOCK_STATIC)
+        return (Call(kernels.block_dense_zplus, (), {**kw, "eps": self.stabilizer, "nonneg": op.nonneg[0]}),)
 
 
 @dataclass(frozen=True)
@@ -604,13 +529,12 @@ class EccvSplit(Rule):
 
     def block_split(self, op: Op) -> str:
         """The split used at this block's add."""
-        return self.split if (op.attrs["projection"] or self.identity_skip) else "main"
+        return self.split if (op.block is not None and op.block.projection or self.identity_skip) else "main"
 
     def apply(self, op: Op) -> tuple[Call, ...]:
-        (w, sw), geo = _block_args(op)
-        return (Call(kernels.block_eccv, (op.inputs[0], op.rel, op.attrs["acts"], op.attrs["h_main"],
-                                          op.attrs["h_skip"], w, sw),
-                     {**geo, "split": self.block_split(op), "eps": self.stabilizer}),)
+        kw = _block_tensors(op, "x", "rel", "acts", "h_main", "h_skip", "weights", "skip_weight", "geometry",
+                            "skip_geometry", "skip_pool")
+        return (Call(kernels.block_eccv, (), {**kw, "split": self.block_split(op), "eps": self.stabilizer}),)
 
 
 @dataclass(frozen=True)
@@ -631,35 +555,6 @@ class Renormalize(EccvSplit):
         else:
             raise RuleSetError(f"renorm: inner={self.inner!r} is not 'eccv' or 'dense_eps'.")
         return (Call(kernels.renormalize, (inner, op.rel), {"eps": self.stabilizer}),)
-
-
-# --------------------------------------------------------------------------- registry
-_REGISTRY: dict[str, type[Rule]] = {}
-
-
-def register_rule(cls: type[Rule]) -> type[Rule]:
-    """Register a rule class under its ``name``; a name registered twice is an error."""
-    if not cls.name:
-        raise RegistryError(f"{cls.__name__} has no `name`. Hint: set `name: ClassVar[str] = '...'`.")
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise RegistryError(f"a rule named {cls.name!r} is already registered ({_REGISTRY[cls.name].__name__}). "
-                            "Hint: choose another name.")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def rule_class(name: str) -> type[Rule]:
-    """The rule class registered under ``name``."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise RuleSetError(f"unknown rule {name!r}. Known rules: {', '.join(sorted(_REGISTRY))}. "
-                           "Hint: register your own with lrpfx.register_rule.") from None
-
-
-def registered_rules() -> dict[str, type[Rule]]:
-    """A copy of the registry: name -> rule class."""
-    return dict(_REGISTRY)
 
 
 for _cls in (Epsilon, Zero, Norm, ZPlus, AlphaBeta, Gamma, ZBox, Flat, WSquare, Pass, Identity, Route,

@@ -11,6 +11,7 @@ import lrpfx
 from conftest import input_x_gradient, randomize_batchnorm, rel_err, tv_model
 from lrpfx.compiler.diagnostics import block_leaks
 from lrpfx.relevance.rules import DenseEpsilon, DenseZPlus, EccvSplit, Op
+from lrpfx.relevance.base import BlockOp
 
 
 def _blocks(plan: lrpfx.Plan) -> list:
@@ -241,8 +242,13 @@ def test_split_ratio_properties() -> None:
     ("latest", "main", "ratio"), ("flows_skip", "ratio", "ratio")])
 def test_eccv_mode_table(mode: str, s_split: str, d_split: str) -> None:
     rule = EccvSplit(mode=mode)
-    assert rule.block_split(Op("bottleneck", "b", [], None, None, attrs={"projection": False})) == s_split
-    assert rule.block_split(Op("bottleneck", "b", [], None, None, attrs={"projection": True})) == d_split
+
+    def block(projection: bool) -> Op:
+        return Op("bottleneck", "b", [], None, None, block=BlockOp(
+            acts=[], h_main=None, h_skip=None, weights=[], skip_weight=None, geometry=[], skip_geometry=None,
+            projection=projection, folded=True))
+    assert rule.block_split(block(False)) == s_split
+    assert rule.block_split(block(True)) == d_split
 
 
 @pytest.mark.slow  # ResNet-50

@@ -20,7 +20,15 @@ import lrpfx
 from lrpfx.eval.twin import input_x_gradient, linearized_twin
 from lrpfx.relevance import adjoints
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """Exactness is claimed in float64: every model and input of this module is built in it."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def twin_error(model: nn.Module, x: torch.Tensor, target: torch.Tensor, rules: str = "lrp0") -> float:
@@ -308,8 +316,8 @@ LINEAR = {
     "einsum": (lambda t: torch.einsum("nchw,cd->ndhw", t, M[:4, :3]),
                lambda s, a: adjoints.einsum_operand(s, "nchw,cd->ndhw", 0, a, M[:4, :3])),
 }
-W4 = torch.randn(1, 4, 1, 6)
-M = torch.randn(6, 6)
+W4 = torch.randn(1, 4, 1, 6, dtype=torch.float64)
+M = torch.randn(6, 6, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("name", list(LINEAR))
