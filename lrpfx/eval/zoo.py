@@ -205,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lrpfx.eval.zoo", description=__doc__.splitlines()[0])
     ap.add_argument("--models", help="comma-separated: torchvision names or timm:NAME (default: the full sweep)")
     ap.add_argument("--source", default="torchvision,timm", help="for the full sweep: torchvision, timm or both")
-    ap.add_argument("--onnx", action="store_true", help="also export each lrp0 explainer to ONNX and run it")
+    ap.add_argument("--onnx", nargs="?", const="all", default="",
+                    help="also export the lrp0 explainer to ONNX and run it: for every model, or for a "
+                         "comma-separated list of model names")
     ap.add_argument("--out", default="docs/coverage.md", help="Markdown table path")
     ap.add_argument("--json", default="benchmarks/coverage.json", help="JSON rows path")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -221,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     for spec in specs:
         t0 = time.perf_counter()
         try:
-            row = sweep_one(spec, onnx=args.onnx)
+            name = spec.split(":")[-1]
+            row = sweep_one(spec, onnx=args.onnx == "all" or name in args.onnx.split(","))
         except Exception as e:  # noqa: BLE001 - a model that does not even build is a row too
             row = Row(spec, "?", math.nan, note=_first_line(e))
             traceback.print_exc()
