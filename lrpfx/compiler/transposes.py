@@ -26,6 +26,8 @@ Transpose = Callable[[Any], Any]
 #: identities on values (dtype and memory-layout changes): the relevance is cast back, not routed
 _IDENTITY_METHODS = {"contiguous", "clone", "to", "float", "double", "half", "bfloat16", "type_as"}
 _LIST_ROUTING = {torch.cat, torch.stack}
+_REPLAY: dict[Any, Callable[..., Any]] = {F.pixel_shuffle: adjoints.pixel_shuffle, F.pixel_unshuffle: adjoints.pixel_unshuffle,
+                                          torch.channel_shuffle: adjoints.channel_shuffle}
 
 
 def transpose_of(node: fx.Node, inputs: list[fx.Node], env: dict[fx.Node, Any], gm: fx.GraphModule,
@@ -46,6 +48,8 @@ def _routing(node: fx.Node, inputs: list[fx.Node], env: dict[fx.Node, Any]) -> T
     if node.op == "call_method" and node.target in _IDENTITY_METHODS or (
             node.op == "call_function" and node.target is torch.clone):
         return lambda rel: (Call(adjoints.cast_like, (rel, env[inputs[0]])),)
+    if node.op == "call_function" and node.target is F.interpolate:  # nearest: one map for all channels
+        return _interpolate_nearest(node, inputs, env)
     floating = {"floating": True} if needs_float_index(node) else {}
 
     def transpose(rel: Any) -> tuple[Call, ...]:
@@ -68,10 +72,22 @@ def _routing(node: fx.Node, inputs: list[fx.Node], env: dict[fx.Node, Any]) -> T
                 args[3] = 0.0
         if node.op == "call_method":
             replay = Call(adjoints.call_method, (args[0], node.target, *args[1:]), kwargs)
-        else:
-            replay = Call(node.target, tuple(args), kwargs)  # type: ignore[arg-type]
+        else:  # ops whose kernels some runtimes lack for integers are replayed as reshapes and permutes
+            fn = _REPLAY.get(node.target, node.target)  # type: ignore[arg-type]
+            replay = Call(fn, tuple(args), kwargs)
         parts = Call(adjoints.route_back, (rel, replay, *[env[p] for p in inputs]))
         return tuple(Call(operator.getitem, (parts, i)) for i in range(len(inputs)))
+    return transpose
+
+
+def _interpolate_nearest(node: fx.Node, inputs: list[fx.Node], env: dict[fx.Node, Any]) -> Transpose:
+    (a,) = inputs
+    args = list(fx.node.map_aggregate(node.args, lambda v: env[v] if isinstance(v, fx.Node) else v))
+    kwargs = dict(fx.node.map_aggregate(node.kwargs, lambda v: env[v] if isinstance(v, fx.Node) else v))
+
+    def transpose(rel: Any) -> tuple[Call, ...]:
+        replay = Call(F.interpolate, (Call(adjoints.spatial_index, (env[a],)), *args[1:]), kwargs)
+        return (Call(adjoints.route_back_spatial, (rel, replay, env[a])),)
     return transpose
 
 

@@ -75,6 +75,51 @@ def cast_like(rel: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return rel.to(a.dtype)
 
 
+def spatial_index(a: torch.Tensor) -> torch.Tensor:
+    """(1, 1, *spatial) float32 tensor of 1-based spatial positions (exact: far below 2**24 pixels).
+
+    Interpolation is the same map for every sample and channel, so its adjoint is found by
+    replaying it on the spatial positions alone, in float32 (ONNX's Resize has no float64 kernel).
+    """
+    spatial = a.shape[2:]
+    count = 1
+    for d in spatial:
+        count = count * d
+    return torch.arange(1, count + 1, dtype=torch.float32, device=a.device).view(1, 1, *spatial)
+
+
+def route_back_spatial(rel: torch.Tensor, index: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """The adjoint of nearest interpolation: ``index`` (1, 1, *out spatial) names each output's source pixel."""
+    n, c = a.shape[0], a.shape[1]
+    count = 1
+    for d in a.shape[2:]:
+        count = count * d
+    flat = rel.new_zeros(n, c, count + 1)
+    source = index.reshape(1, 1, -1).to(torch.int64).expand(n, c, -1)
+    flat.scatter_add_(2, source, rel.reshape(n, c, -1))
+    return flat.narrow(2, 1, count).reshape(a.shape)
+
+
+def pixel_shuffle(t: torch.Tensor, upscale_factor: int) -> torch.Tensor:
+    """``F.pixel_shuffle`` as reshape and permute: the same routing, for index tensors in every runtime."""
+    n, c, h, w = t.shape
+    r = upscale_factor
+    return t.reshape(n, c // (r * r), r, r, h, w).permute(0, 1, 4, 2, 5, 3).reshape(n, c // (r * r), h * r, w * r)
+
+
+def pixel_unshuffle(t: torch.Tensor, downscale_factor: int) -> torch.Tensor:
+    """``F.pixel_unshuffle`` as reshape and permute."""
+    n, c, h, w = t.shape
+    r = downscale_factor
+    return t.reshape(n, c, h // r, r, w // r, r).permute(0, 1, 3, 5, 2, 4).reshape(n, c * r * r, h // r, w // r)
+
+
+def channel_shuffle(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """``torch.channel_shuffle`` as reshape and transpose."""
+    n, c = t.shape[0], t.shape[1]
+    return t.reshape(n, groups, c // groups, *t.shape[2:]).transpose(1, 2).reshape(t.shape)
+
+
 def split_item(x: torch.Tensor, how: str, spec: Any, dim: int, item: int) -> torch.Tensor:
     """Item ``item`` of ``x.split(spec, dim)`` / ``chunk`` / ``tensor_split`` / ``unbind``: one routing op.
 
@@ -155,15 +200,22 @@ def einsum_operand(s: torch.Tensor, equation: str, k: int, *operands: torch.Tens
 def interpolate_linear(s: torch.Tensor, a: torch.Tensor, size: Any = None, scale_factor: Any = None,
                        mode: str = "bilinear", align_corners: bool | None = None,
                        recompute_scale_factor: bool | None = None, antialias: bool = False) -> torch.Tensor:
-    """Transpose of bilinear ``F.interpolate`` (2-D), through ATen's own backward kernel (no autograd)."""
+    """Transpose of bilinear ``F.interpolate`` (2-D): Wy^T s Wx, with Wy and Wx read off the same call.
+
+    Bilinear interpolation is separable, Y = Wy X Wx^T. Interpolating the identity along one axis
+    (the other axis of size 1, whose weights are copies) with the same arguments gives that
+    axis's weights exactly, so the transpose exports with plain ops.
+    """
     if mode != "bilinear" or antialias:
         raise NotImplementedError(f"interpolate mode={mode!r} antialias={antialias}")
-    scales = (None, None)
-    if scale_factor is not None and not recompute_scale_factor:
-        sf = scale_factor if isinstance(scale_factor, (tuple, list)) else (scale_factor, scale_factor)
-        scales = (float(sf[0]), float(sf[1]))
-    return torch.ops.aten.upsample_bilinear2d_backward(
-        s.contiguous(), list(s.shape[-2:]), list(a.shape), bool(align_corners), scales[0], scales[1])
+    h, w = a.shape[-2], a.shape[-1]
+    kw = {"size": size, "scale_factor": scale_factor, "mode": mode, "align_corners": align_corners,
+          "recompute_scale_factor": recompute_scale_factor}
+    eye_y = torch.eye(h, dtype=s.dtype, device=s.device).view(1, h, h, 1)
+    eye_x = torch.eye(w, dtype=s.dtype, device=s.device).view(1, w, 1, w)
+    wy = torch.nn.functional.interpolate(eye_y, **kw)[0, :, :, 0]    # (h, Ho): Wy^T
+    wx = torch.nn.functional.interpolate(eye_x, **kw)[0, :, 0, :]    # (w, Wo): Wx^T
+    return wy @ s @ wx.transpose(0, 1)
 
 
 # --------------------------------------------------------------------------- normalizations, scale held
