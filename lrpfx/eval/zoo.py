@@ -42,6 +42,8 @@ TIMM_FAMILIES: dict[str, str] = {
     "vovnet": "ese_vovnet19b_dw", "rexnet": "rexnet_100", "ghostnet": "ghostnet_100", "convnext": "convnext_atto",
     "efficientnet": "efficientnet_b0", "mobilenetv3": "mobilenetv3_small_100",
 }
+#: the input size of the sweep (small: the sweep covers ~100 models on a 2-core machine)
+SIZE = 32
 #: models that need a given input size (fixed position embeddings, window partitions)
 SIZES: dict[str, int] = {"botnet26t_256": 256, "halonet26t": 256, "maxvit_t": 224, "swin_t": 224, "swin_s": 224,
                          "swin_b": 224, "swin_v2_t": 256, "swin_v2_s": 256, "swin_v2_b": 256, "tresnet_m": 224}
@@ -93,7 +95,7 @@ def build(spec: str) -> tuple[nn.Module, str, str]:
         name = spec[5:]
         return timm.create_model(name, pretrained=False, num_classes=10).eval(), name, "timm"
     import torchvision
-    kwargs: dict[str, Any] = {"image_size": 64} if spec.startswith("vit_") else {}
+    kwargs: dict[str, Any] = {"image_size": SIZE} if spec.startswith("vit_") else {}
     return torchvision.models.get_model(spec, weights=None, num_classes=10, **kwargs).eval(), spec, "torchvision"
 
 
@@ -128,7 +130,7 @@ def sweep_one(spec: str, onnx: bool = False, rulesets: list[str] | None = None) 
     """Compile and check one model."""
     model, name, source = build(spec)
     randomize(model)
-    row = Row(name, source, round(sum(p.numel() for p in model.parameters()) / 1e6, 1), SIZES.get(name, 64))
+    row = Row(name, source, round(sum(p.numel() for p in model.parameters()) / 1e6, 1), SIZES.get(name, SIZE))
     x = torch.randn(1, 3, row.size, row.size, generator=torch.Generator().manual_seed(1))
     target = torch.tensor([3])
     for rs in rulesets or lrpfx.builtin_rulesets():
@@ -229,16 +231,20 @@ def main(argv: list[str] | None = None) -> int:
             row = Row(spec, "?", math.nan, note=_first_line(e))
             traceback.print_exc()
         rows.append(row)
+        _write(rows, args, argv)  # after every model: a partial sweep is a partial table
         print(f"{row.source:11s} {row.name:24s} {len(row.rulesets)} rule sets  twin "
               f"{'-' if row.twin_error is None else f'{row.twin_error:.1e}'}  onnx {row.onnx}  "
               f"({time.perf_counter() - t0:.0f} s) {row.note[:100]}", flush=True)
+    print(f"wrote {args.out} and {args.json}")
+    return 0
+
+
+def _write(rows: list[Row], args: argparse.Namespace, argv: list[str] | None) -> None:
     command = "python -m lrpfx.eval.zoo " + " ".join(argv if argv is not None else sys.argv[1:])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(markdown(rows, command.strip()))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
-    print(f"wrote {args.out} and {args.json}")
-    return 0
 
 
 if __name__ == "__main__":
