@@ -19,6 +19,7 @@ import torch.fx as fx
 from torch.fx.graph_module import _forward_from_src
 
 _WIDTH = 110
+_WORD = re.compile(r"\b\w+\b")
 _FETCH = re.compile(r'^(\s+)(\w+) = ([\w.", ()]+)$')
 
 
@@ -55,7 +56,12 @@ def readable(src: str, comments: dict[str, str]) -> str:
         m = _FETCH.match(line)
         if m and _is_attribute(m.group(3)):
             fetched[m.group(2)] = m.group(3)
-    uses = {v: sum(len(re.findall(rf"\b{v}\b", _body(line))) for line in lines if not _fetch(line)) for v in fetched}
+    uses: dict[str, int] = dict.fromkeys(fetched, 0)
+    for line in lines:
+        if not _fetch(line):
+            for word in _WORD.findall(_body(line)):
+                if word in uses:
+                    uses[word] += 1
     inline = {v: e for v, e in fetched.items() if uses[v] == 1}
     out: list[str] = []
     seen: set[str] = set()
@@ -64,9 +70,8 @@ def readable(src: str, comments: dict[str, str]) -> str:
         if m and m.group(2) in inline and _is_attribute(m.group(3)):
             continue
         body, frees = _split_frees(line)
-        for v, e in inline.items():
-            if v in body:
-                body = re.sub(rf"\b{v}\b", lambda _m, e=e: e, body)
+        if inline:
+            body = _WORD.sub(lambda m: inline.get(m.group(0), m.group(0)), body)
         frees = [f for f in frees if f not in inline]
         target = re.match(r"^\s+(\w+) = ", body)
         if target and target.group(1) in comments and target.group(1) not in seen:

@@ -130,7 +130,8 @@ def sweep_one(spec: str, onnx: bool = False, rulesets: list[str] | None = None) 
     """Compile and check one model."""
     model, name, source = build(spec)
     randomize(model)
-    row = Row(name, source, round(sum(p.numel() for p in model.parameters()) / 1e6, 1), SIZES.get(name, SIZE))
+    row = Row(name, source, round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+              SIZES.get(name) or _smallest_size(model))
     x = torch.randn(1, 3, row.size, row.size, generator=torch.Generator().manual_seed(1))
     target = torch.tensor([3])
     for rs in rulesets or lrpfx.builtin_rulesets():
@@ -152,6 +153,18 @@ def sweep_one(spec: str, onnx: bool = False, rulesets: list[str] | None = None) 
             row.onnx = _onnx(model, x)
     row.note = next(iter(row.failed.values()), "")
     return row
+
+
+def _smallest_size(model: nn.Module) -> int:
+    """The sweep's size, or the first larger one the model's own forward accepts."""
+    for size in (SIZE, 64, 96, 224):
+        try:
+            with torch.no_grad():
+                model(torch.zeros(1, 3, size, size))
+            return size
+        except Exception:  # noqa: BLE001 - too small for the network: try the next size
+            continue
+    return 224
 
 
 def _twin_error(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> float:

@@ -146,6 +146,8 @@ def area_resize(x: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
     if size is None:
         return x
     h_in, w_in = x.shape[-2:]
+    if torch.jit.is_tracing():  # jit.trace records sizes as tensors: the trace keeps this map size
+        h_in, w_in = int(h_in), int(w_in)
     h, w = selection_size((h_in, w_in), size)
     if _symbolic(h_in, w_in, h, w):
         return area_resize_matrix(x, (h, w))

@@ -213,19 +213,19 @@ def test_timm_mobilenetv2_compiles() -> None:
     assert _lrp0_vs(_secant_model(model), model, x) < 1e-6
 
 
-# ------------------------------------------------------------------ unsupported: EfficientNet's SiLU
+# ------------------------------------------------------------------ EfficientNet's SiLU: the identity rule
 @pytest.mark.parametrize("source", ["torchvision", "timm"])
-def test_efficientnet_b0_lists_exactly_its_silu_activations(source: str) -> None:
+def test_efficientnet_b0_equals_its_linearized_twin(source: str) -> None:
+    """SiLU (in place, inside Conv2dNormActivation or timm's BatchNormAct2d) takes the identity rule, the
+    squeeze-and-excitation gates are held: LRP-0 is Input x Gradient of the linearized twin."""
+    from lrpfx.eval.twin import input_x_gradient as twin_ixg, linearized_twin
     model = _tv("efficientnet_b0") if source == "torchvision" else _timm("efficientnet_b0")
-    with pytest.raises(lrpfx.UnmatchedNodeError,
-                       match=r"(?s)^33 node\(s\) have no rule in rule set 'c3_lrp' \(unsupported op\(s\): SiLU\):"
-                             r".*Hint: register a rule and a pattern") as info:
-        lrpfx.compile(model, "c3_lrp")
-    # SiLU inside the squeeze-and-excitation branches is off the relevance path: not listed
-    assert len(info.value.nodes) == 33
-    # squeeze-and-excitation, stochastic depth and the rest are supported: nothing else is listed
+    _covered_under_every_builtin_ruleset(model)
     p = lrpfx.inspect(model, "c3_lrp")
-    assert {lrpfx.compiler.patterns.describe(n, p.gm) for n in p.unmatched} == {"SiLU"}
+    assert not p.unmatched and "elementwise" in p.kinds.values() and "gate" in p.kinds.values()
+    x, target = torch.randn(*X_SHAPE, dtype=torch.float64), torch.arange(X_SHAPE[0]) % 3
+    relevance = lrpfx.compile(model, "lrp0")(x, target)[0]
+    assert rel_err(relevance, twin_ixg(linearized_twin(model), x, target)) < 1e-6
 
 
 def test_timm_vgg_shape_dependent_head_is_a_trace_error_naming_the_submodule() -> None:
@@ -267,9 +267,9 @@ def test_new_ops_export_to_torch_export_and_onnx(tmp_path) -> None:
     explainer = lrpfx.compile(model, "c3_lrp")
     x = torch.randn(2, 3, 15, 15)  # odd: the shortcut's pooling has partial windows
     relevance, _ = explainer(x)
-    exported = lrpfx.export_program(explainer, x).module()(x)[0]
+    exported = lrpfx.export_program(explainer, x, target_input=False).module()(x)[0]
     assert torch.allclose(exported, relevance, rtol=1e-4, atol=1e-6)
-    path = lrpfx.export_onnx(explainer, tmp_path / "new_ops.onnx", x)
+    path = lrpfx.export_onnx(explainer, tmp_path / "new_ops.onnx", x, target_input=False)
     x3 = torch.randn(3, 3, 15, 15)  # another batch size
     onnx_relevance = torch.from_numpy(ort.InferenceSession(str(path)).run(None, {"x": x3.numpy()})[0])
     assert rel_err(onnx_relevance, explainer(x3)[0]) < 1e-4
