@@ -19,6 +19,8 @@ import torch
 import torch.fx as fx
 
 from lrpfx.errors import LrpfxError
+from lrpfx.postprocess.c3 import parse_resize
+from lrpfx.postprocess.tensor_backend import c3_tensor
 
 
 class ExportError(LrpfxError):
@@ -46,8 +48,6 @@ class _ExplainTarget(_ExplainPredicted):
 
 def c3_sizes(explainer: fx.GraphModule) -> list[tuple[int, int] | None]:
     """The ``resize_to`` of every C3 stage in the explainer's graph (empty without a C3 stage)."""
-    from lrpfx.postprocess.c3 import parse_resize
-    from lrpfx.postprocess.tensor_backend import c3_tensor
     return [parse_resize(n.kwargs.get("resize_to", (28, 28))) for n in explainer.graph.nodes
             if n.op == "call_function" and n.target is c3_tensor]
 
