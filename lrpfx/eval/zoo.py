@@ -226,7 +226,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="docs/coverage.md", help="Markdown table path")
     ap.add_argument("--json", default="benchmarks/coverage.json", help="JSON rows path")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--merge", help="comma-separated JSON files of earlier runs (e.g. one per source, run in "
+                                    "parallel): write one table from their rows instead of sweeping")
     args = ap.parse_args(argv)
+    if args.merge:
+        rows = [Row(**r) for path in args.merge.split(",") for r in json.loads(Path(path).read_text())]
+        _write(rows, args, argv)
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.models:
