@@ -732,6 +732,55 @@ PASSES: tuple[Callable[[fx.GraphModule], None], ...] = (
 )
 
 
+# --------------------------------------------------------------------------- postconditions
+def _offenders(gm: fx.GraphModule, bad: Callable[[fx.Node], bool]) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if bad(n)]
+
+
+def _causal(n: fx.Node) -> bool:
+    b = _bind(n, ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"))
+    return bool(b["is_causal"] or b["enable_gqa"])
+
+
+def _is_call(n: fx.Node, op: str, targets: Any) -> bool:
+    return n.op == op and n.target in targets
+
+
+#: what each pass guarantees, in the manner of fx's ``PassBase.ensures``: a predicate naming the
+#: nodes that violate it (checked after the pass; a violation is a bug in the pass, not in the model)
+ENSURES: dict[Callable[[fx.GraphModule], None], Callable[[fx.GraphModule], list[fx.Node]]] = {
+    drop_dropout_identity: lambda gm: _offenders(gm, lambda n: isinstance(_module(gm, n), DROP_MODULES)
+                                                 or _is_call(n, "call_function", DROP_FUNCTIONS)),
+    unify_relu: lambda gm: _offenders(gm, lambda n: isinstance(_module(gm, n), nn.ReLU)
+                                      or _is_call(n, "call_method", ("relu", "relu_"))
+                                      or _is_call(n, "call_function", RELU_FUNCTIONS - {torch.relu})),
+    unify_gate_functions: lambda gm: _offenders(gm, lambda n: isinstance(_module(gm, n), (nn.Sigmoid, nn.Hardsigmoid))
+                                                or _is_call(n, "call_method", ("sigmoid", "sigmoid_"))),
+    unify_routing_modules: lambda gm: _offenders(gm, lambda n: isinstance(_module(gm, n), (
+        nn.modules.padding._ConstantPadNd, nn.Upsample, nn.PixelShuffle, nn.ChannelShuffle, nn.Softmax))),
+    expand_attention: lambda gm: _offenders(gm, lambda n: _is_call(n, "call_function",
+                                                                   (F.scaled_dot_product_attention,))
+                                            and not _causal(n)),
+    unify_arithmetic: lambda gm: _offenders(gm, lambda n: _is_call(n, "call_function",
+                                                                   (operator.neg, torch.neg, operator.matmul))
+                                            or (_is_call(n, "call_function", _SUB) and len(n.args) == 2
+                                                and not n.kwargs)),
+    unify_reshape: lambda gm: _offenders(gm, lambda n: isinstance(_module(gm, n), nn.Flatten)
+                                         or _is_call(n, "call_method", RESHAPE_METHODS | {"flatten"})),
+    out_of_place_activations: lambda gm: _offenders(gm, lambda n: isinstance(_module(gm, n), ELEMENTWISE_MODULES)
+                                                    and getattr(_module(gm, n), "inplace", False)),
+}
+
+
+def check(pass_: Callable[[fx.GraphModule], None], gm: fx.GraphModule) -> None:
+    """Fail loudly when ``pass_`` left a node it should have rewritten (its postcondition)."""
+    ensures = ENSURES.get(pass_)
+    bad = ensures(gm) if ensures is not None else []
+    if bad:
+        raise AssertionError(f"canonicalization pass {pass_.__name__} left un-canonical node(s): "
+                             f"{[n.format_node() for n in bad]}")
+
+
 def canonicalize(gm: fx.GraphModule, fold_batchnorm_: bool = True) -> fx.GraphModule:
     """Run every pass, then dead-code elimination; ``gm`` is rewritten in place and returned.
 
@@ -742,6 +791,7 @@ def canonicalize(gm: fx.GraphModule, fold_batchnorm_: bool = True) -> fx.GraphMo
         if p is fold_batchnorm and not fold_batchnorm_:
             continue
         p(gm)
+        check(p, gm)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()

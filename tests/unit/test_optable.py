@@ -293,6 +293,16 @@ def test_swin_window_attention_is_refused_with_its_reason() -> None:
         lrpfx.compile(model, "lrp0")
 
 
+def test_a_pass_that_leaves_an_uncanonical_node_fails_loudly() -> None:
+    """Each canonicalization pass states its postcondition (fx's PassBase.ensures): checked after it runs."""
+    from lrpfx.compiler import canonicalize as canon
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
+    with pytest.raises(AssertionError, match=r"pass unify_relu left un-canonical node\(s\): .*call_module\[target=1\]"):
+        canon.check(canon.unify_relu, gm)
+    canon.unify_relu(gm)
+    canon.check(canon.unify_relu, gm)
+
+
 def test_the_table_does_not_change_the_forward() -> None:
     torch.manual_seed(0)
     for cls in MODELS.values():
