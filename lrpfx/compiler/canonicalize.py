@@ -601,6 +601,8 @@ def unify_arithmetic(gm: fx.GraphModule) -> None:
                 "rounding_mode" not in node.kwargs and len(node.args) == 2:
             _replace(gm, node, operator.truediv, tuple(node.args))
     for node in list(gm.graph.nodes):
+        if _shape_arithmetic(node):
+            continue  # arithmetic on sizes stays integer arithmetic
         if node.op == "call_function" and node.target in (operator.neg, torch.neg):
             _replace(gm, node, operator.mul, (node.args[0], -1.0))
         elif node.op == "call_function" and node.target in _SUB and len(node.args) == 2 and not node.kwargs:
@@ -619,6 +621,10 @@ def unify_arithmetic(gm: fx.GraphModule) -> None:
                     _replace(gm, node, F.silu, (x,))
                     gm.graph.erase_node(g)
                     break
+
+
+def _shape_arithmetic(node: fx.Node) -> bool:
+    return is_shape(node) or any(isinstance(a, fx.Node) and is_shape(a) for a in node.args)
 
 
 def expand_attention(gm: fx.GraphModule) -> None:
@@ -761,10 +767,9 @@ ENSURES: dict[Callable[[fx.GraphModule], None], Callable[[fx.GraphModule], list[
     expand_attention: lambda gm: _offenders(gm, lambda n: _is_call(n, "call_function",
                                                                    (F.scaled_dot_product_attention,))
                                             and not _causal(n)),
-    unify_arithmetic: lambda gm: _offenders(gm, lambda n: _is_call(n, "call_function",
-                                                                   (operator.neg, torch.neg, operator.matmul))
-                                            or (_is_call(n, "call_function", _SUB) and len(n.args) == 2
-                                                and not n.kwargs)),
+    unify_arithmetic: lambda gm: _offenders(gm, lambda n: not _shape_arithmetic(n) and (
+        _is_call(n, "call_function", (operator.neg, torch.neg, operator.matmul))
+        or (_is_call(n, "call_function", _SUB) and len(n.args) == 2 and not n.kwargs))),
     unify_reshape: lambda gm: _offenders(gm, lambda n: isinstance(_module(gm, n), nn.Flatten)
                                          or _is_call(n, "call_method", RESHAPE_METHODS | {"flatten"})),
     out_of_place_activations: lambda gm: _offenders(gm, lambda n: isinstance(_module(gm, n), ELEMENTWISE_MODULES)
