@@ -23,7 +23,7 @@ SUBSET = {
     "efficientnet_b0": (32, "SiLU, squeeze-and-excitation gates, stochastic depth"),
     "mobilenet_v3_small": (32, "Hardswish, hard-sigmoid gates"),
     "shufflenet_v2_x0_5": (32, "chunk, channel shuffle, concatenation"),
-    "vit_b_16": (64, "nn.MultiheadAttention, held softmax, class token, position embedding, slicing"),
+    "vit_b_16": (32, "nn.MultiheadAttention, held softmax, class token, position embedding, slicing"),
     "timm:resnet50_gn": (32, "GroupNorm"),
     "timm:res2net50_14w_8s": (32, "split items, hierarchical residuals"),
     "timm:dm_nfnet_f0": (64, "weight standardization in forward (parameter-only), gains, timm's pad_same"),
