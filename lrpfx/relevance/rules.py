@@ -18,7 +18,6 @@ from lrpfx.errors import RuleSetError
 from lrpfx.relevance import adjoints, kernels
 from lrpfx.relevance.base import BlockOp, Call, Op, Rule, register_rule, registered_rules, rule_class
 
-__all__ = ["BlockOp", "Call", "Op", "Rule", "register_rule", "registered_rules", "rule_class"]  # and the rules below
 
 #: op kinds of a linear layer (weights and an optional bias)
 LINEAR_KINDS = frozenset({"conv", "linear"})
@@ -561,3 +560,36 @@ for _cls in (Epsilon, Zero, Norm, ZPlus, AlphaBeta, Gamma, ZBox, Flat, WSquare, 
              WinnerTakesAll, AvgMatched,
              SignalTakesAll, Slice, FlatPositive, AvgSubstitute, DenseEpsilon, DenseZPlus, EccvSplit, Renormalize):
     register_rule(_cls)
+
+#: the rules, and the base types and registry re-exported from :mod:`lrpfx.relevance.base`
+__all__ = [
+    "AlphaBeta",
+    "AvgMatched",
+    "AvgSubstitute",
+    "BlockOp",
+    "Call",
+    "DenseEpsilon",
+    "DenseZPlus",
+    "EccvSplit",
+    "Epsilon",
+    "Flat",
+    "FlatPositive",
+    "Gamma",
+    "Identity",
+    "Norm",
+    "Op",
+    "Pass",
+    "Renormalize",
+    "Route",
+    "Rule",
+    "SignalTakesAll",
+    "Slice",
+    "WSquare",
+    "WinnerTakesAll",
+    "ZBox",
+    "ZPlus",
+    "Zero",
+    "register_rule",
+    "registered_rules",
+    "rule_class",
+]
