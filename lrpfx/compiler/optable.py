@@ -184,8 +184,3 @@ def _interpolate_kind(node: fx.Node) -> str | None:
     if mode == "bilinear" and not node.kwargs.get("antialias", False):
         return "linear_op"
     return None
-
-
-def needs_float_index(node: fx.Node) -> bool:
-    """Whether replaying ``node`` on an index tensor needs floats (interpolation kernels do)."""
-    return node.op == "call_function" and node.target is F.interpolate

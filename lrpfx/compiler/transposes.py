@@ -17,7 +17,6 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lrpfx.compiler.optable import needs_float_index
 from lrpfx.errors import UnmatchedNodeError
 from lrpfx.relevance import adjoints
 from lrpfx.relevance.rules import Call
@@ -50,10 +49,9 @@ def _routing(node: fx.Node, inputs: list[fx.Node], env: dict[fx.Node, Any]) -> T
         return lambda rel: (Call(adjoints.cast_like, (rel, env[inputs[0]])),)
     if node.op == "call_function" and node.target is F.interpolate:  # nearest: one map for all channels
         return _interpolate_nearest(node, inputs, env)
-    floating = {"floating": True} if needs_float_index(node) else {}
 
     def transpose(rel: Any) -> tuple[Call, ...]:
-        index = {p: Call(adjoints.source_index, (env[p], *[env[q] for q in inputs[:i]]), dict(floating))
+        index = {p: Call(adjoints.source_index, (env[p], *[env[q] for q in inputs[:i]]))
                  for i, p in enumerate(inputs)}
 
         def sub(a: Any) -> Any:
@@ -64,7 +62,7 @@ def _routing(node: fx.Node, inputs: list[fx.Node], env: dict[fx.Node, Any]) -> T
         args = list(fx.node.map_aggregate(node.args, sub))
         kwargs = dict(fx.node.map_aggregate(node.kwargs, sub))
         if node.op == "call_function" and node.target in _LIST_ROUTING:  # constants in the list: no source
-            args[0] = [a if isinstance(a, Call) else Call(adjoints.no_source, (a,), dict(floating))
+            args[0] = [a if isinstance(a, Call) else Call(adjoints.no_source, (a,))
                        for a in args[0]]
         if node.op == "call_function" and node.target is F.pad:
             kwargs["value"] = 0.0  # the pad value is a constant: its positions have no source

@@ -167,10 +167,6 @@ def linearized_twin(model: nn.Module) -> LinearizedTwin:
     return LinearizedTwin(model)
 
 
-def _detach(x: torch.Tensor) -> torch.Tensor:
-    return x.detach()
-
-
 def _call(node: fx.Node, gm: fx.GraphModule) -> Callable:
     """The original op as a function of its first argument (other arguments bound)."""
     if node.op == "call_module":

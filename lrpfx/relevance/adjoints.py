@@ -27,22 +27,21 @@ from lrpfx.relevance.kernels import stabilize
 
 
 # --------------------------------------------------------------------------- routing ops
-def source_index(a: torch.Tensor, *before: torch.Tensor, floating: bool = False) -> torch.Tensor:
+def source_index(a: torch.Tensor, *before: torch.Tensor) -> torch.Tensor:
     """``a``'s shape, holding each element's 1-based position after the elements of ``before``.
 
-    ``floating=True`` gives float64 positions (exact up to 2**53) for ops that need floats
-    (``F.interpolate``); otherwise int64.
+    int64: routing ops replay on integers (interpolation, which needs floats, has its own
+    spatial replay, :func:`spatial_index`).
     """
     offset = 1
     for b in before:
         offset = offset + b.numel()
-    dtype = torch.float64 if floating else torch.int64
-    return torch.arange(a.numel(), dtype=dtype, device=a.device).add_(offset).view(a.shape)
+    return torch.arange(a.numel(), dtype=torch.int64, device=a.device).add_(offset).view(a.shape)
 
 
-def no_source(t: torch.Tensor, *, floating: bool = False) -> torch.Tensor:
+def no_source(t: torch.Tensor) -> torch.Tensor:
     """Index tensor for an operand that takes no relevance (a constant): every element is 0, "no source"."""
-    return torch.zeros(t.shape, dtype=torch.float64 if floating else torch.int64, device=t.device)
+    return torch.zeros(t.shape, dtype=torch.int64, device=t.device)
 
 
 def call_method(obj: torch.Tensor, name: str, *args: Any, **kwargs: Any) -> Any:

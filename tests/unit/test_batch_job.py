@@ -20,40 +20,9 @@ import pytest
 import torch
 from PIL import Image
 
+from cli_fixtures import _image, model  # noqa: F401 - fixtures, by name
 from lrpfx.cli import batch
 from lrpfx.cli import commands as cli
-
-TINY = """
-import torch
-import torch.nn as nn
-
-def make():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
-"""
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
-    """(model spec, weights .pt) of a tiny CNN."""
-    root = tmp_path_factory.mktemp("model")
-    (root / "tiny.py").write_text(TINY)
-    torch.manual_seed(1)
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("tiny_for_weights", root / "tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    torch.save(module.make().state_dict(), root / "tiny.pt")
-    return f"{root / 'tiny.py'}:make", root / "tiny.pt"
-
-
-def _image(path: Path, seed: int = 0, size: tuple[int, int] = (40, 48)) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(path)
-    return path
-
 
 def _explain(model: tuple[str, Path], inputs: list[Path] | Path, out: Path, *extra: str) -> int:
     inputs = [inputs] if isinstance(inputs, Path) else inputs

@@ -12,32 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torchvision
-from PIL import Image
 
+from cli_fixtures import images, weights  # noqa: F401 - fixtures, by name
 from lrpfx.cli import commands as cli
 from lrpfx.cli.loading import LoadError, load_weights
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("w") / "resnet18.pt"
-    torch.save(torchvision.models.resnet18(weights=None, num_classes=1000).state_dict(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    (root / "sub").mkdir()
-    for i in range(5):
-        mode = ("RGB", "L", "RGBA")[i % 3]  # grayscale and RGBA are converted
-        shape = (40, 48, 4) if mode == "RGBA" else (40, 48) if mode == "L" else (40, 48, 3)
-        img = Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode)
-        img.save(root / ("sub" if i >= 3 else ".") / f"img{i}.png")
-    return root
 
 
 def _explain(images: Path, weights: Path, out: Path, *extra: str) -> int:

@@ -19,14 +19,9 @@ from lrpfx.eval.metrics import (
     relevance_rank_accuracy,
 )
 
+from test_metrics import MEAN, STD, tiny_net  # the same normalization and network as the protocol tests
+
 torch.set_num_threads(1)
-MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
-
-
-def tiny_net(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-                         nn.Linear(16, 5)).eval().double()
 
 
 class CountsPixels(nn.Module):
