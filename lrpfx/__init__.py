@@ -52,6 +52,7 @@ from lrpfx.relevance.rules import (
     register_rule,
     registered_rules,
 )
+from lrpfx.relevance.base import unregister_rule
 from lrpfx.relevance.ruleset import Binding, RuleSet
 
 __version__ = "0.1.0"
@@ -63,5 +64,5 @@ __all__ = [
     "SignalTakesAll", "Slice", "TraceError", "TrainModeError", "UnmatchedNodeError", "WSquare", "WinnerTakesAll",
     "ZBox", "ZPlus", "Zero", "block_leaks", "builtin_rulesets", "compile", "export_onnx", "export_program",
     "inspect", "register_op", "register_pattern", "register_rule", "registered_patterns", "registered_rules",
-    "unregister_op",
+    "unregister_op", "unregister_rule",
 ]

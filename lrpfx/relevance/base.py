@@ -122,15 +122,45 @@ class Rule:
 _REGISTRY: dict[str, type[Rule]] = {}
 
 
-def register_rule(cls: type[Rule]) -> type[Rule]:
-    """Register a rule class under its ``name``; a name registered twice is an error."""
+def register_rule(cls: type[Rule] | None = None, *, replace: bool = False) -> Any:
+    """Register a rule class under its ``name`` (usable as ``@register_rule`` or ``@register_rule(replace=True)``).
+
+    A name registered twice raises :class:`RegistryError`, also for the same class: a second
+    registration is almost always a name clash or a module run twice. ``replace=True`` replaces
+    a rule of your own under that name (e.g. when re-running a notebook cell); the built-in
+    rules cannot be replaced. :func:`unregister_rule` removes one.
+    """
+    if cls is None:
+        return lambda c: register_rule(c, replace=replace)
+    if not isinstance(cls, type) or not issubclass(cls, Rule):
+        raise RegistryError(f"register_rule takes a Rule subclass, not {cls!r}.")
     if not cls.name:
         raise RegistryError(f"{cls.__name__} has no `name`. Hint: set `name: ClassVar[str] = '...'`.")
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise RegistryError(f"a rule named {cls.name!r} is already registered ({_REGISTRY[cls.name].__name__}). "
-                            "Hint: choose another name.")
+    if cls.name in _REGISTRY:
+        if _is_builtin(cls.name):
+            raise RegistryError(f"{cls.name!r} is a built-in rule ({_REGISTRY[cls.name].__name__}). "
+                                "Hint: give your rule another name.")
+        if not replace:
+            same = " (the same class, registered twice)" if _REGISTRY[cls.name] is cls else ""
+            raise RegistryError(f"a rule named {cls.name!r} is already registered "
+                                f"({_REGISTRY[cls.name].__name__}){same}. Hint: choose another name, or pass "
+                                "replace=True to replace your own rule.")
     _REGISTRY[cls.name] = cls
     return cls
+
+
+def unregister_rule(name: str) -> None:
+    """Remove a rule of your own from the registry (built-in rules stay)."""
+    if _is_builtin(name):
+        raise RegistryError(f"{name!r} is a built-in rule and cannot be unregistered.")
+    if _REGISTRY.pop(name, None) is None:
+        raise RegistryError(f"no rule named {name!r} is registered.")
+
+
+def _is_builtin(name: str) -> bool:
+    """A rule lrpfx itself defines (in :mod:`lrpfx.relevance`): its name is reserved."""
+    cls = _REGISTRY.get(name)
+    return cls is not None and cls.__module__.startswith("lrpfx.relevance.")
 
 
 def rule_class(name: str) -> type[Rule]:

@@ -167,6 +167,36 @@ def test_user_registers_pattern_and_rule_for_own_layer() -> None:
         lrpfx.register_pattern(lrpfx.Pattern("channel_scale", module_types=(ChannelScale,)))
 
 
+def test_register_rule_duplicates_raise_as_documented() -> None:
+    """docs/howto.md: a name registered twice raises, the same class included; replace=True for your own."""
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class Mine(lrpfx.Rule):
+        name = "test_registry_mine"
+        kinds = frozenset({"conv"})
+
+    lrpfx.register_rule(Mine)
+    try:
+        with pytest.raises(lrpfx.RegistryError, match=r"'test_registry_mine' is already registered \(Mine\) "
+                                                       r"\(the same class, registered twice\)"):
+            lrpfx.register_rule(Mine)
+        other = dataclass(frozen=True)(type("Other", (Mine,), {}))
+        with pytest.raises(lrpfx.RegistryError, match="already registered"):
+            lrpfx.register_rule(other)
+        assert lrpfx.register_rule(replace=True)(other) is other
+        assert lrpfx.registered_rules()["test_registry_mine"] is other
+    finally:
+        lrpfx.unregister_rule("test_registry_mine")
+    assert "test_registry_mine" not in lrpfx.registered_rules()
+    builtin = dataclass(frozen=True)(type("MyEpsilon", (lrpfx.Epsilon,), {"name": "epsilon"}))
+    with pytest.raises(lrpfx.RegistryError, match="'epsilon' is a built-in rule"):
+        lrpfx.register_rule(builtin, replace=True)
+    with pytest.raises(lrpfx.RegistryError, match="built-in rule and cannot be unregistered"):
+        lrpfx.unregister_rule("epsilon")
+    assert lrpfx.registered_rules()["epsilon"] is lrpfx.Epsilon
+
+
 # ----------------------------------------------------------------- errors, each message matched
 class Branchy(nn.Module):
     def __init__(self) -> None:
