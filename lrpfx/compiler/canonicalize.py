@@ -344,11 +344,19 @@ def unify_reshape(gm: fx.GraphModule) -> None:
         elif node.op == "call_method" and node.target == "flatten":
             _replace(gm, node, torch.flatten, tuple(node.args), dict(node.kwargs))
         elif node.op == "call_method" and node.target in RESHAPE_METHODS:
-            shape = node.args[1:] if len(node.args) > 2 or not isinstance(node.args[1], (tuple, list)) else node.args[1]
-            _replace(gm, node, torch.reshape, (node.args[0], tuple(shape)))
+            one = len(node.args) == 2 and (isinstance(node.args[1], (tuple, list)) or _is_size(node.args[1]))
+            shape = node.args[1] if one else tuple(node.args[1:])  # x.view(n, c), x.view((n, c)), x.view(y.shape)
+            _replace(gm, node, torch.reshape, (node.args[0], shape if _is_size(shape) else tuple(shape)))
         elif node.op == "call_method" and node.target in ("squeeze", "unsqueeze"):
             fn = torch.squeeze if node.target == "squeeze" else torch.unsqueeze
             _replace(gm, node, fn, tuple(node.args), dict(node.kwargs))
+
+
+def _is_size(arg: Any) -> bool:
+    """Whether ``arg`` is a whole ``torch.Size`` node (``y.shape``, ``y.size()``), not one of its items."""
+    return isinstance(arg, fx.Node) and (
+        (arg.op == "call_function" and arg.target is getattr and arg.args[1] == "shape")
+        or (arg.op == "call_method" and arg.target == "size" and len(arg.args) == 1 and not arg.kwargs))
 
 
 def _spatial_mean_dims(node: fx.Node) -> tuple[bool, bool] | None:

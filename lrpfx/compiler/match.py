@@ -14,6 +14,7 @@ import torch.fx as fx
 
 from lrpfx.compiler import blocks
 from lrpfx.errors import RuleSetError, TraceError
+from lrpfx.compiler.optable import is_softmax
 from lrpfx.compiler.patterns import describe, gate_operands, get_pattern, op_kind
 from lrpfx.compiler.trace import describe_output, output_structure
 from lrpfx.relevance.rules import Rule
@@ -181,6 +182,8 @@ def _depends_on_input(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> set[fx.N
 def plan(gm: fx.GraphModule, ruleset: RuleSet) -> Plan:
     """Bind rules to the nodes of a canonical graph."""
     kinds = {n: k for n in gm.graph.nodes if (k := op_kind(n, gm)) is not None}
+    if any(b.pattern == "softmax" for b in ruleset.bindings):
+        _release_softmax(gm, kinds)
     inp, result, path = _relevance_path(gm, kinds)
     p = Plan(gm, ruleset, inp, result, kinds, path)
     _bind_blocks(p)
@@ -199,6 +202,14 @@ def plan(gm: fx.GraphModule, ruleset: RuleSet) -> Plan:
         else:
             p.unmatched.append(node)
     return p
+
+
+def _release_softmax(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> None:
+    """Softmax nodes take relevance (kind ``softmax``) instead of being held: the rule set binds the
+    ``softmax`` pattern (AttnLRP). The products with their outputs then become ``product`` nodes."""
+    for n in gm.graph.nodes:
+        if kinds.get(n) == "held" and is_softmax(n, gm.get_submodule(n.target) if n.op == "call_module" else None):
+            kinds[n] = "softmax"
 
 
 def _bind_blocks(p: Plan) -> None:

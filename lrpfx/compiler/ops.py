@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from lrpfx.compiler.analysis import facts
 from lrpfx.compiler.match import Assignment, Plan
-from lrpfx.compiler.patterns import gate_operands
+from lrpfx.compiler.patterns import attention_attrs, gate_operands
 from lrpfx.compiler.transposes import transpose_of
 from lrpfx.errors import LrpfxError
 from lrpfx.relevance.base import BlockOp, Op
@@ -41,6 +41,8 @@ class OpBuilder:
             parts = list(n.args[0])
             op.attrs.update({"parts": [self.env[p] for p in parts], "dim": n.args[1],
                              "index": [k for k, p in enumerate(parts) if p in self.pathset]})
+        elif kind in ("softmax", "product"):  # the attention rules read the function and its operands
+            op.attrs.update(attention_attrs(n, self.env))
         if kind in TABLE_KINDS:
             op.attrs["transpose"] = transpose_of(n, ins, self.env, self.gm, kind, self.param)
         if facts(n)["rectified"]:

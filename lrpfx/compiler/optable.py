@@ -73,6 +73,8 @@ NORM_MODULES: tuple[type, ...] = (nn.LayerNorm, nn.GroupNorm, nn.modules.instanc
 HELD_FUNCTIONS: set[Callable] = {F.softmax, torch.softmax}
 HELD_METHODS: set[str] = {"softmax"}
 HELD_MODULES: tuple[type, ...] = (nn.Softmax,)
+#: the softmax spellings: held (CP-LRP) unless the rule set binds the ``softmax`` pattern (AttnLRP)
+SOFTMAX_FUNCTIONS: frozenset[Callable] = frozenset({F.softmax, torch.softmax})
 
 _USER_FUNCTIONS: dict[Callable, str] = {}
 _USER_METHODS: dict[str, str] = {}
@@ -175,6 +177,13 @@ def table_kind(node: fx.Node, module: nn.Module | None) -> str | None:
             if node.target in table:
                 return kind
     return None
+
+
+def is_softmax(node: fx.Node, module: nn.Module | None = None) -> bool:
+    """Whether ``node`` is a softmax in any spelling (function, method, ``nn.Softmax`` call)."""
+    return ((node.op == "call_function" and node.target in SOFTMAX_FUNCTIONS)
+            or (node.op == "call_method" and node.target == "softmax")
+            or (node.op == "call_module" and isinstance(module, nn.Softmax)))
 
 
 def _interpolate_kind(node: fx.Node) -> str | None:

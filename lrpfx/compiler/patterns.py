@@ -10,6 +10,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 from lrpfx.compiler.blocks import BLOCK_PATTERNS
 from lrpfx.compiler.optable import table_kind
-from lrpfx.errors import RegistryError
+from lrpfx.errors import RegistryError, RuleSetError
 
 CONV_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 LINEAR_TYPES: tuple[type, ...] = (nn.Linear,)
@@ -105,6 +106,19 @@ def gate_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     if gates[1 - i].args[0] is signal:  # type: ignore[union-attr]
         return None
     return signal, gate  # type: ignore[return-value]
+
+
+def attention_attrs(node: fx.Node, env: dict[fx.Node, Any]) -> dict[str, Any]:
+    """What the attention rules read off a ``softmax`` or ``product`` node: the softmax's ``dim``, or the
+    product's function and its arguments as handles of the emitted graph (``env``)."""
+    if node.op == "call_function" and node.target in (torch.softmax, F.softmax) or node.op == "call_method":
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if not isinstance(dim, int):
+            raise RuleSetError(f"node {node.name!r} ({node.format_node()}): a softmax without an explicit integer "
+                               "dim. Hint: write softmax(x, dim=-1).")
+        return {"dim": dim}
+    args = fx.node.map_aggregate(node.args, lambda a: env[a] if isinstance(a, fx.Node) else a)
+    return {"fn": node.target, "args": tuple(args)}
 
 
 def describe(node: fx.Node, gm: fx.GraphModule) -> str:
@@ -215,5 +229,9 @@ for _p in (
     Pattern("elementwise", frozenset({"elementwise"}), doc="elementwise activations other than ReLU (GELU, SiLU, "
             "Hardswish, ...)"),
     Pattern("norm", frozenset({"norm"}), doc="LayerNorm, GroupNorm, InstanceNorm, RMSNorm (std held constant)"),
+    Pattern("softmax", frozenset({"softmax"}), doc="a softmax that takes relevance: binding this pattern makes the "
+            "rule set explain through softmax (AttnLRP); a rule set without it holds softmax outputs (CP-LRP)"),
+    Pattern("product", frozenset({"product"}), doc="a product of two input-dependent values: a * b, a @ b, einsum "
+            "(attention's q @ k^T and probabilities @ v when the softmax is not held)"),
 ):
     register_pattern(_p)
