@@ -80,6 +80,14 @@ def minimum_input_size(explainer: torch.nn.Module, example_input: torch.Tensor) 
     return hi
 
 
+def output_names(explainer: fx.GraphModule) -> list[str]:
+    """The names of the explainer's outputs: ``relevance``, ``logits``, then its post-processing
+    stages' (``c3_map``, ``c3_mask`` for the C3 stage). Exports use them as the outputs' names."""
+    out = next(n for n in reversed(explainer.graph.nodes) if n.op == "output")
+    values = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
+    return ["relevance", "logits"] + [getattr(v, "name", f"output_{i}") for i, v in enumerate(values)][2:]
+
+
 def _example_target(example_input: torch.Tensor) -> torch.Tensor:
     return torch.full((example_input.shape[0],), -1, dtype=torch.long, device=example_input.device)
 
@@ -202,7 +210,8 @@ def _check_example(explainer: torch.nn.Module, example_input: torch.Tensor) -> N
 def _warn_fixed(e: ExportError, example_input: torch.Tensor) -> None:
     size = tuple(example_input.shape[-2:])
     warnings.warn(f"{str(e).split(' Hint:')[0]} -> exported for the example's size {size} only "
-                  "(pass dynamic_size=False to ask for that and silence this warning).", stacklevel=3)
+                  "(dynamic_size=False, or `lrpfx export --fixed-size`, asks for that and silences this warning).",
+                  stacklevel=3)
 
 
 def _onnx_blockers(program: torch.export.ExportedProgram) -> list[str]:
@@ -238,7 +247,8 @@ def export_onnx(explainer: fx.GraphModule, path: str | Path, example_input: torc
 
     Inputs: ``x`` (N, C, H, W) and ``target`` (N,) int64, -1 for the predicted class
     (``target_input=False``: ``x`` only, the predicted class). Outputs: relevance, logits (and
-    the C3 map and mask with a C3 stage). Batch, height and width are dynamic as in
+    the C3 map and mask with a C3 stage), named ``relevance``, ``logits``, ``c3_map`` and
+    ``c3_mask`` (:func:`output_names`). Batch, height and width are dynamic as in
     :func:`export_program`. Run it with
     ``onnxruntime.InferenceSession(path).run(None, {"x": images, "target": classes})``.
     ONNX checks no values: a target outside [-1, classes) gives an undefined relevance
@@ -261,7 +271,8 @@ def export_onnx(explainer: fx.GraphModule, path: str | Path, example_input: torc
         program = export_program(explainer, example_input, dynamic_size=False, **options)  # type: ignore[arg-type]
     kwargs = {} if opset_version is None else {"opset_version": opset_version}
     names = ["x", "target"] if target_input else ["x"]
-    onnx_program = torch.onnx.export(program, dynamo=True, input_names=names, verbose=False, **kwargs)
+    onnx_program = torch.onnx.export(program, dynamo=True, input_names=names, output_names=output_names(explainer),
+                                     verbose=False, **kwargs)
     assert onnx_program is not None
     onnx_program.save(str(path))
     return path

@@ -180,8 +180,60 @@ def _min_max(a: np.ndarray) -> np.ndarray:
     return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """Where the model's input came from in the photo: model pixel (v, u) is photo pixel
+    ((v + top + 0.5) / scale_y - 0.5, (u + left + 0.5) / scale_x - 0.5).
+
+    ``scale_y``, ``scale_x``: the resize factors (resized size / photo size); ``top``, ``left``:
+    the centre crop's offset in the resized image (negative where the crop padded it).
+    """
+
+    height: int
+    width: int
+    size: int
+    scale_y: float
+    scale_x: float
+    top: int
+    left: int
+
+    def crop_box(self) -> list[float]:
+        """The model input's square in photo pixels: [top, left, height, width]."""
+        return [round(self.top / self.scale_y, 2), round(self.left / self.scale_x, 2),
+                round(self.size / self.scale_y, 2), round(self.size / self.scale_x, 2)]
+
+    def _inverse(self) -> np.ndarray:
+        # photo pixel centre -> model pixel centre, the affine map cv2.warpAffine takes with WARP_INVERSE_MAP
+        sy, sx = self.scale_y, self.scale_x
+        return np.array([[sx, 0.0, 0.5 * sx - 0.5 - self.left], [0.0, sy, 0.5 * sy - 0.5 - self.top]])
+
+    def to_photo(self, a: np.ndarray, *, nearest: bool = False) -> np.ndarray:
+        """A model-resolution map (h, w) at the photo's size (H, W): 0 outside the crop.
+
+        Bilinear for relevance, scaled by the area of a photo pixel in model pixels so that
+        sums are kept (up to interpolation); nearest neighbour for masks (``nearest``).
+        """
+        import cv2
+        flags = (cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR) | cv2.WARP_INVERSE_MAP
+        src = a.astype(np.uint8) if a.dtype == bool else np.ascontiguousarray(a, dtype=np.float32)
+        out = cv2.warpAffine(src, self._inverse(), (self.width, self.height), flags=flags,
+                             borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        if a.dtype == bool:
+            return out.astype(bool)
+        return out if nearest else out * np.float32(self.scale_y * self.scale_x)
+
+
+def _crop_offset(resized: int, size: int) -> int:
+    # torchvision's center_crop: round((resized - size) / 2); a smaller image is padded first
+    return int(round((resized - size) / 2.0)) if resized >= size else -((size - resized) // 2)
+
+
 class ImageFiles(torch.utils.data.Dataset):
-    """Images resized and normalized like the model's training data; a bad file yields its error."""
+    """Images resized and normalized like the model's training data; a bad file yields its error.
+
+    Each item also carries the photo (uint8, for the overlays at its own size) and its
+    :class:`Geometry`.
+    """
 
     def __init__(self, items: list[Item], size: int, mean: Sequence[float], std: Sequence[float],
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
@@ -191,25 +243,31 @@ class ImageFiles(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, str | None]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, str | None, Any]:
         from torchvision.transforms import functional as TF
         try:
             a = read_image(self.items[i].file, self.max_pixels)
         except ImageReadError as e:
-            return None, i, str(e)
+            return None, i, str(e), None
         x = torch.from_numpy(a).permute(2, 0, 1)
+        h, w = x.shape[-2:]
         x = TF.resize(x, [round(self.size * 256 / 224) if self.size >= 128 else self.size], antialias=True)
+        rh, rw = x.shape[-2:]
+        geometry = Geometry(int(h), int(w), self.size, rh / h, rw / w, _crop_offset(rh, self.size),
+                            _crop_offset(rw, self.size))
         x = TF.center_crop(x, [self.size, self.size])
-        return TF.normalize(x, self.mean, self.std), i, None
+        photo = torch.from_numpy(np.round(a * 255).astype(np.uint8))
+        return TF.normalize(x, self.mean, self.std), i, None, (photo, geometry)
 
 
-def collate(batch: list[tuple[torch.Tensor | None, int, str | None]]) -> tuple[
-        torch.Tensor | None, list[int], list[tuple[int, str]]]:
-    """(the stacked readable images, their indices, [(index, reason)] of the unreadable ones)."""
-    good = [(x, i) for x, i, err in batch if err is None]
-    bad = [(i, err) for _, i, err in batch if err is not None]
-    x = torch.stack([x for x, _ in good]) if good else None
-    return x, [i for _, i in good], bad
+def collate(batch: list[tuple[torch.Tensor | None, int, str | None, Any]]) -> tuple[
+        torch.Tensor | None, list[int], list[tuple[int, str]], list[Any]]:
+    """(the stacked readable images, their indices, [(index, reason)] of the unreadable ones,
+    [(photo, geometry)] of the readable ones)."""
+    good = [(x, i, extra) for x, i, err, extra in batch if err is None]
+    bad = [(i, err) for _, i, err, _ in batch if err is not None]
+    x = torch.stack([x for x, _, _ in good]) if good else None
+    return x, [i for _, i, _ in good], bad, [extra for _, _, extra in good]
 
 
 # ------------------------------------------------------------------ durable outputs
@@ -275,8 +333,14 @@ def encode_png(rgb: np.ndarray) -> bytes:
 
 
 def output_paths(out: Path, key: str, c3: bool) -> dict[str, Path]:
-    """The files of one image, the record (``json``) last."""
-    kinds = ("relevance.npy", "c3mask.npy", "overlay.png", "json") if c3 else ("relevance.npy", "overlay.png", "json")
+    """The files of one image, the record (``json``) last.
+
+    ``relevance.npy``: (H, W) float32 at the photo's size, channels summed; ``input_relevance.npy``:
+    (C, size, size), the relevance of the model's input, exact; ``overlay.png`` at the photo's
+    size; with C3 ``c3mask.npy`` (H, W) bool and ``c3.png`` (the region's outline on the photo).
+    """
+    kinds = ("relevance.npy", "input_relevance.npy", "overlay.png")
+    kinds += ("c3mask.npy", "c3.png", "json") if c3 else ("json",)
     return {k: out / f"{key}.{k}" for k in kinds}
 
 
@@ -330,6 +394,7 @@ def run_config(args: argparse.Namespace, ruleset: Any, size: int, mean: Sequence
         "model_file_sha256": _sha256(Path(model_file)) if model_file else None,
         "pretrained": bool(args.pretrained),
         "weights_sha256": _sha256(Path(args.weights)) if args.weights else None,
+        "classes_sha256": _sha256(Path(args.classes)) if getattr(args, "classes", None) else None,
         "rules": ruleset.name,
         "rules_file_sha256": _sha256(Path(rules_file)) if rules_file else None,
         "rule_set": {"top": ruleset.top, "options": dict(ruleset.options),
@@ -480,7 +545,7 @@ def _prepare_out(out: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``lrpfx explain``; returns the exit code (0, 1 if an image failed, see docs/cli.md)."""
-    from lrpfx.cli.loading import load_model
+    from lrpfx.cli.loading import RANDOM_WEIGHTS_WARNING, load_model
     from lrpfx.relevance.ruleset import RuleSet
     _check_numbers(args)
     rank, world = _dist()
@@ -490,7 +555,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--out {out} is a file, not a folder.")
     items = find_images(args.inputs, exclude=out)
     ruleset = RuleSet.ensure(args.rules)  # a bad rule file fails here, before the model is built
-    loaded = load_model(args.model, args.weights, pretrained=args.pretrained, trust_pickle=args.trust_pickle)
+    loaded = load_model(args.model, args.weights, pretrained=args.pretrained, trust_pickle=args.trust_pickle,
+                        classes=getattr(args, "classes", None))
+    if loaded.random_weights and rank == 0:
+        print(f"lrpfx: warning: {RANDOM_WEIGHTS_WARNING}", file=sys.stderr)
     mean = tuple(args.mean) if args.mean else loaded.mean
     std = tuple(args.std) if args.std else loaded.std
     size = args.size or loaded.size
@@ -508,7 +576,7 @@ def run(args: argparse.Namespace) -> int:
         _barrier(world)
         shard = items[rank::world]  # each rank a disjoint shard
         todo = [i for i, it in enumerate(shard) if args.overwrite or not is_done(out, it, fp, args.c3)]
-        done_now, failed = _explain(args, loaded.model, ruleset, shard, todo, out, fp, size, mean, std, device, rank)
+        done_now, failed = _explain(args, loaded, ruleset, shard, todo, out, fp, size, mean, std, device, rank)
         done_now, failed, skipped = _sum([done_now, failed, len(shard) - len(todo)], world)
         _barrier(world)
         if rank == 0:
@@ -521,19 +589,19 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_FAILED_IMAGES if failed and not args.allow_failures else EXIT_OK
 
 
-def _explain(args: argparse.Namespace, model: torch.nn.Module, ruleset: Any, shard: list[Item], todo: list[int],
+def _explain(args: argparse.Namespace, loaded: Any, ruleset: Any, shard: list[Item], todo: list[int],
              out: Path, fp: str, size: int, mean: Sequence[float], std: Sequence[float], device: torch.device,
              rank: int) -> tuple[int, int]:
     if not todo:
         return 0, 0
-    explainer = lrpfx.compile(model, ruleset, **({"c3": True} if args.c3 else {})).to(device)
+    explainer = lrpfx.compile(loaded.model, ruleset, **({"c3": True} if args.c3 else {})).to(device)
     dataset = torch.utils.data.Subset(ImageFiles(shard, size, mean, std, args.max_pixels), todo)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
                                          collate_fn=collate)
     target = None if args.target == "auto" else int(args.target)
     progress = _progress(len(todo), disable=rank != 0 or args.quiet)
     done = failed = 0
-    for x, index, bad in loader:
+    for x, index, bad, photos in loader:
         for i, reason in bad:
             item = shard[i]
             _warn(progress, f"lrpfx: warning: cannot read {item.file}: {reason}")
@@ -556,32 +624,52 @@ def _explain(args: argparse.Namespace, model: torch.nn.Module, ruleset: Any, sha
                 t = int(pred[j]) if target is None else target
                 if not 0 <= t < logits.shape[1]:
                     raise UserError(f"--target {t}: the model has {logits.shape[1]} classes.")
-                record = {"predicted": int(pred[j]), "target": t, "logit": float(logits[j, t]),
-                          "relevance_sum": float(rel[j].sum())}
+                record: dict[str, Any] = {"predicted": int(pred[j]), "target": t}
+                if loaded.classes is not None:
+                    record.update(predicted_class=loaded.class_name(int(pred[j])), target_class=loaded.class_name(t))
+                record.update(logit=float(logits[j, t]), relevance_sum=float(rel[j].sum()))
                 if c3_mask is not None:
                     record["c3_region_pixels"] = int(c3_mask[j].sum())
-                _save_one(out, shard[i], x[j], rel[j], None if c3_mask is None else c3_mask[j], record, fp, mean, std)
+                photo, geometry = photos[j]
+                _save_one(out, shard[i], photo.numpy(), geometry, rel[j], None if c3_mask is None else c3_mask[j],
+                          record, fp)
                 done += 1
         progress.update(len(index) + len(bad))
     progress.close()
     return done, failed
 
 
-def _save_one(out: Path, item: Item, image: torch.Tensor, rel: torch.Tensor, c3: torch.Tensor | None,
-              values: dict[str, Any], fp: str, mean: Sequence[float], std: Sequence[float]) -> None:
+def _save_one(out: Path, item: Item, photo: np.ndarray, geometry: Geometry, rel: torch.Tensor,
+              c3: torch.Tensor | None, values: dict[str, Any], fp: str) -> None:
     from lrpfx.postprocess.render import overlay
     paths = output_paths(out, item.key, c3 is not None)
     _mkdir(paths["json"].parent)
-    data = {"relevance.npy": encode_npy(rel.numpy()),
-            "overlay.png": encode_png(overlay(image.numpy(), rel.numpy(), mean=mean, std=std))}
+    on_photo = geometry.to_photo(rel.sum(0).numpy())
+    data = {"relevance.npy": encode_npy(on_photo), "input_relevance.npy": encode_npy(rel.numpy()),
+            "overlay.png": encode_png(overlay(photo, on_photo))}
     if c3 is not None:
-        data["c3mask.npy"] = encode_npy(c3.numpy())
+        mask = geometry.to_photo(c3.numpy().astype(bool), nearest=True)
+        data["c3mask.npy"] = encode_npy(mask)
+        data["c3.png"] = encode_png(outline(photo, mask))
     for kind, blob in data.items():
         write_atomic(paths[kind], blob)
-    record = {"image": str(item.file), "key": item.key, "status": "ok", **values, "source": _source(item.file),
-              "outputs": {k: len(v) for k, v in sorted(data.items())}, "fingerprint": fp}
+    sizes = {"image_size": [geometry.height, geometry.width], "model_size": [geometry.size, geometry.size],
+             "crop_box": geometry.crop_box(), "relevance_sum_on_photo": float(on_photo.sum(dtype=np.float64))}
+    record = {"image": str(item.file), "key": item.key, "status": "ok", **values, **sizes,
+              "source": _source(item.file), "outputs": {k: len(v) for k, v in sorted(data.items())},
+              "fingerprint": fp}
     # the record is written last: with matching sizes and fingerprint it marks the image as done (resume)
     write_atomic(paths["json"], (json.dumps(record) + "\n").encode(), sync_dir=True)
+
+
+def outline(photo: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int] = (255, 32, 32)) -> np.ndarray:
+    """The photo (uint8 RGB) with the outline of ``mask``'s region drawn on it, lines ~0.3% of its size."""
+    import cv2
+    rgb = np.ascontiguousarray(photo.copy())
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    thickness = max(1, round(0.003 * max(mask.shape)))
+    cv2.drawContours(rgb, contours, -1, colour, thickness)
+    return rgb
 
 
 def _save_failure(out: Path, item: Item, reason: str, fp: str, c3: bool) -> None:

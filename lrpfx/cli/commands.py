@@ -1,7 +1,8 @@
 """The ``lrpfx`` command: demo, explain, inspect, export, bench, eval.
 
-User and environment errors end with a one-line message and exit code 2 (a traceback only
-with ``--debug``). ``lrpfx explain`` is a batch job (:mod:`lrpfx.cli.batch`): a DataLoader with
+User and environment errors end with a one-line message and exit code 2, unexpected errors
+with one line and exit code 3, warnings are one line each (the hidden ``--debug`` flag, anywhere
+on the line, shows tracebacks and warnings in full). ``lrpfx explain`` is a batch job (:mod:`lrpfx.cli.batch`): a DataLoader with
 worker processes, batched explanation, outputs keyed by relative path, resumable against a run
 manifest, one bad image recorded without stopping the run (exit code 1), durable writes, and
 sharded across processes when run under ``torchrun``.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -37,8 +39,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from lrpfx.cli.loading import load_model
+    from lrpfx.cli.loading import RANDOM_WEIGHTS_WARNING, load_model
+    from lrpfx.export import output_names
     loaded = load_model(args.model, args.weights, pretrained=args.pretrained, trust_pickle=args.trust_pickle)
+    if loaded.random_weights:
+        print(f"lrpfx: warning: {RANDOM_WEIGHTS_WARNING}", file=sys.stderr)
     explainer = lrpfx.compile(loaded.model, args.rules, **({"c3": True} if args.c3 else {}))
     size = args.size or loaded.size
     example = torch.randn(2, 3, size, size)
@@ -49,7 +54,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         torch.export.save(lrpfx.export_program(explainer, example, **options), args.out)
     inputs = "x" if args.no_target_input else "x, target"
-    print(f"wrote {args.out} (inputs: {inputs})")
+    print(f"wrote {args.out} (inputs: {inputs}; outputs: {', '.join(output_names(explainer))})")
     return 0
 
 
@@ -60,8 +65,13 @@ def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from lrpfx.cli import demo
-    path = demo.run(Path(args.out), n_images=args.images, seed=args.seed)
-    print(f"wrote the comparison figure: {path}")
+    from lrpfx.cli.progress import Stages
+    if args.images < 1:
+        raise UserError(f"--images {args.images}: must be >= 1.")
+    stages = Stages(quiet=args.quiet)
+    stages.say(f"lrpfx demo: C3-LRP, LRP, Grad-CAM, RISE and Input x Gradient on {args.images} generated images")
+    path = demo.run(Path(args.out), n_images=args.images, seed=args.seed, stages=stages)
+    print(f"wrote the comparison figure: {path} ({stages.total():.1f} s in all)")
     return 0
 
 
@@ -75,19 +85,23 @@ def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lrpfx", description="Compile CNNs into relevance networks and explain images.")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)  # tracebacks and full warnings
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="offline demo on the bundled model: writes the comparison figure")
     d.add_argument("--out", default="lrpfx-demo", help="output directory (default: %(default)s)")
     d.add_argument("--images", type=int, default=4, help="number of generated images (default: %(default)s)")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--quiet", action="store_true", help="no stage lines, only the path written")
 
     def model_args(q: argparse.ArgumentParser) -> None:
         q.add_argument("--model", required=True, help="torchvision:NAME | timm:NAME | bundled | file.py:Factory")
         q.add_argument("--weights", help="state_dict file (.pt/.pth, loaded with weights_only=True) or .safetensors")
         q.add_argument("--trust-pickle", action="store_true", help="allow full pickles (can run code!)")
         q.add_argument("--rules", default="epsilon_plus_flat", help="rule-set name or .toml file (default: %(default)s)")
+        q.add_argument("--classes", metavar="FILE",
+                       help="class names, one per line (default: the weights' metadata where known: torchvision's "
+                            "and timm's ImageNet-1k names, the bundled model's labels)")
 
     e = sub.add_parser("explain", help="explain images or folders of images (a batch job)",
                        epilog="exit codes: 0 done; 1 some images could not be read (see the records with "
@@ -141,31 +155,55 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      file: object = None, line: str | None = None) -> None:
+    print(f"lrpfx: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:  # e.g. PermissionError, no space left
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    return (str(e).strip() or type(e).__name__).splitlines()[0]
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line ``argv``; returns the exit code.
+
+    0: done; 1: ``explain`` finished but some images failed; 2: a user or environment error
+    (one line on standard error); 3: an unexpected internal error (one line, with a hint to
+    rerun with ``--debug``, which shows every traceback and warning in full); 130: interrupted.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = parser()
     debug = "--debug" in argv
-    try:
-        if argv and argv[0] in ("bench", "eval"):  # their own parsers take the rest
-            run = cmd_bench if argv[0] == "bench" else cmd_eval
-            return run(argparse.Namespace(), argv[1:])
-        args = p.parse_args(argv)
-        commands = {"explain": cmd_explain, "inspect": cmd_inspect, "export": cmd_export, "demo": cmd_demo}
-        return commands[args.command](args)
-    except (LrpfxError, OSError, ValueError) as e:
-        if debug:
-            raise
-        if isinstance(e, OSError) and e.strerror:  # e.g. PermissionError, no space left
-            message = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
-        else:
-            message = (str(e).strip() or type(e).__name__).splitlines()[0]
-        print(f"lrpfx: error: {message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        print("lrpfx: interrupted (rerun the same command to resume)", file=sys.stderr)
-        return 130
+    argv = [a for a in argv if a != "--debug"]
+    p = parser()
+    with warnings.catch_warnings():
+        if not debug:
+            warnings.simplefilter("default")  # each warning once per place, even under a test runner's filters
+            warnings.showwarning = _one_line_warning
+        try:
+            if argv and argv[0] in ("bench", "eval"):  # their own parsers take the rest
+                run = cmd_bench if argv[0] == "bench" else cmd_eval
+                return run(argparse.Namespace(), argv[1:])
+            args = p.parse_args(argv)
+            commands = {"explain": cmd_explain, "inspect": cmd_inspect, "export": cmd_export, "demo": cmd_demo}
+            return commands[args.command](args)
+        except (LrpfxError, OSError, ValueError) as e:
+            if debug:
+                raise
+            print(f"lrpfx: error: {_one_line(e)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            print("lrpfx: interrupted (rerun the same command to resume)", file=sys.stderr)
+            return 130
+        except Exception as e:  # noqa: BLE001 - the command line shows one line; --debug the traceback
+            if debug:
+                raise
+            print(f"lrpfx: error: {type(e).__name__}: {_one_line(e)}. Hint: rerun with --debug for the traceback; "
+                  "if your input is right, please report it.", file=sys.stderr)
+            return 3
 
 
 if __name__ == "__main__":

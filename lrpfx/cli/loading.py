@@ -37,6 +37,33 @@ class LoadedModel:
     size: int
     name: str
     classes: list[str] | None = None
+    #: True for a torchvision or timm architecture built without any weights: its maps explain noise
+    random_weights: bool = False
+    #: where the class names come from (e.g. "torchvision weights metadata"), None without names
+    classes_source: str | None = None
+
+    def class_name(self, index: int) -> str | None:
+        """The name of class ``index``, or None when the names are not known."""
+        return self.classes[index] if self.classes is not None and 0 <= index < len(self.classes) else None
+
+
+RANDOM_WEIGHTS_WARNING = ("random weights: the maps explain an untrained network. Hint: pass --weights FILE "
+                          "(a state_dict or .safetensors), or --pretrained where the weights can be downloaded.")
+
+
+def read_class_names(path: str | Path) -> list[str]:
+    """Class names from a text file, one per line in class-index order (blank lines are an error)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise LoadError(f"cannot read the class names file {str(path)!r}: {e.strerror or e}.") from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    names = [line.strip() for line in lines]
+    if not names or any(not n for n in names):
+        raise LoadError(f"class names file {str(path)!r}: write one non-empty name per line, in class-index order.")
+    return names
 
 
 def load_weights(path: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -90,8 +117,16 @@ def _unreadable(path: Path, e: Exception) -> LoadError:
 
 
 def load_model(spec: str, weights: str | Path | None = None, *, pretrained: bool = False,
-               trust_pickle: bool = False, num_classes: int | None = None) -> LoadedModel:
-    """Build the model named by ``spec``, load ``weights`` if given, and return it in eval mode."""
+               trust_pickle: bool = False, num_classes: int | None = None,
+               classes: str | Path | None = None) -> LoadedModel:
+    """Build the model named by ``spec``, load ``weights`` if given, and return it in eval mode.
+
+    Class names come from ``classes`` (a text file, one name per line) when given; else from
+    the weights' metadata where it is known: torchvision's ImageNet-1k categories
+    (``Weights.meta["categories"]``, offline) for a torchvision model with ``pretrained`` or a
+    weights file whose classifier has as many outputs, timm's ImageNet label descriptions
+    likewise, and the bundled models' shape names.
+    """
     kind, _, name = spec.partition(":")
     if kind == "torchvision":
         loaded = _torchvision(name, pretrained, num_classes)
@@ -110,8 +145,49 @@ def load_model(spec: str, weights: str | Path | None = None, *, pretrained: bool
             loaded.model.load_state_dict(state)
         except RuntimeError as e:
             raise LoadError(f"weights {str(weights)!r} do not fit {spec}: {str(e).splitlines()[0]}") from None
+    if kind in ("torchvision", "timm"):
+        loaded.random_weights = weights is None and not pretrained
+        if not loaded.random_weights and loaded.classes is None:
+            names = _imagenet_names(kind, name)
+            if names is not None and _outputs(loaded.model) == len(names):
+                loaded.classes, loaded.classes_source = names, f"{kind}'s ImageNet-1k metadata"
+    if classes is not None:
+        names = read_class_names(classes)
+        outputs = _outputs(loaded.model)
+        if outputs is not None and outputs != len(names):
+            raise LoadError(f"class names file {str(classes)!r} has {len(names)} names, but {spec} has {outputs} "
+                            "outputs. Hint: one name per line, one line per class.")
+        loaded.classes, loaded.classes_source = names, str(classes)
     loaded.model.eval()
     return loaded
+
+
+def _outputs(model: torch.nn.Module) -> int | None:
+    """The classifier's number of outputs, read from its last linear (or 1x1 conv) layer."""
+    last = None
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            last = m.out_features
+        elif isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1):
+            last = m.out_channels
+    return last
+
+
+def _imagenet_names(kind: str, name: str) -> list[str] | None:
+    """ImageNet-1k class names shipped with torchvision (weights metadata) or timm, offline."""
+    if kind == "torchvision":
+        import torchvision
+        try:
+            meta = torchvision.models.get_model_weights(name).DEFAULT.meta
+        except (ValueError, AttributeError, KeyError):
+            return None
+        names = meta.get("categories")
+        return list(names) if names else None
+    try:
+        from timm.data import ImageNetInfo
+        return list(ImageNetInfo().label_descriptions(as_dict=False, detailed=False))
+    except Exception:  # noqa: BLE001 - an older timm without label names: indices only
+        return None
 
 
 def _torchvision(name: str, pretrained: bool, num_classes: int | None) -> LoadedModel:
@@ -122,7 +198,12 @@ def _torchvision(name: str, pretrained: bool, num_classes: int | None) -> Loaded
     if num_classes is not None and not pretrained:
         kwargs["num_classes"] = num_classes
     model = torchvision.models.get_model(name, **kwargs)
-    return LoadedModel(model, IMAGENET_MEAN, IMAGENET_STD, 224, f"torchvision:{name}")
+    loaded = LoadedModel(model, IMAGENET_MEAN, IMAGENET_STD, 224, f"torchvision:{name}")
+    if pretrained:
+        categories = torchvision.models.get_model_weights(name).DEFAULT.meta.get("categories")
+        if categories:
+            loaded.classes, loaded.classes_source = list(categories), "torchvision weights metadata"
+    return loaded
 
 
 def _timm(name: str, pretrained: bool, num_classes: int | None) -> LoadedModel:
@@ -148,8 +229,9 @@ def _bundled(name: str | None) -> LoadedModel:
         model, meta = models.load_bundled(name), models.bundled_metadata(name)
     except (FileNotFoundError, ValueError) as e:
         raise LoadError(str(e)) from None
+    classes = list(meta.get("classes", [])) or None
     return LoadedModel(model, tuple(meta["mean"]), tuple(meta["std"]), int(meta.get("size", 64)),
-                       f"bundled:{name}", list(meta.get("classes", [])) or None)
+                       f"bundled:{name}", classes, classes_source="the bundled model's labels" if classes else None)
 
 
 def _user_file(spec: str) -> LoadedModel:

@@ -29,6 +29,7 @@ def test_onnx_runs_in_onnxruntime_with_a_dynamic_batch(models, tmp_path: Path, a
     path = lrpfx.export_onnx(explainer, tmp_path / "explainer.onnx", torch.randn(2, 3, 64, 64), dynamic_size=False)
     session = ort.InferenceSession(str(path))
     assert [i.name for i in session.get_inputs()] == ["x", "target"]
+    assert [o.name for o in session.get_outputs()] == ["relevance", "logits"]
     x = torch.randn(3, 3, 64, 64)  # another batch size than the example
     target = torch.tensor([-1, 7, -1])  # -1: the predicted class
     outputs = session.run(None, {"x": x.numpy(), "target": target.numpy()})
@@ -44,8 +45,10 @@ def test_onnx_with_the_c3_stage_gives_identical_masks(models, tmp_path: Path, ar
                              target_input=False)  # the one-input form: the predicted class
     session = ort.InferenceSession(str(path))
     assert [i.name for i in session.get_inputs()] == ["x"]
+    assert [o.name for o in session.get_outputs()] == ["relevance", "logits", "c3_map", "c3_mask"]
     x = torch.randn(4, 3, 56, 56)
-    relevance, _, c3_map, c3_mask = session.run(None, {"x": x.numpy()})
+    # outputs asked for by name, in another order than the file's
+    c3_mask, relevance, c3_map = session.run(["c3_mask", "relevance", "c3_map"], {"x": x.numpy()})
     ours = explainer(x)
     assert rel_err(torch.from_numpy(relevance), ours[0]) <= 1e-4
     # the masks come from thresholds on the relevance; they agree unless a pixel sits exactly at a

@@ -57,7 +57,7 @@ def test_outputs_are_keyed_by_relative_path_with_extension(model, tmp_path: Path
     assert [r["image"] for r in records] == [str(src / r["key"]) for r in records]
     assert len({r["relevance_sum"] for r in records}) == 4  # four different images, none overwritten
     for r in records:
-        assert r["status"] == "ok" and np.load(out / f"{r['key']}.relevance.npy").shape == (3, 32, 32)
+        assert r["status"] == "ok" and np.load(out / f"{r['key']}.relevance.npy").shape == (40, 48)
         assert (out / f"{r['key']}.overlay.png").stat().st_size == r["outputs"]["overlay.png"]
     assert not _temporaries(out) and not list(out.rglob(".*.tmp*"))
 
@@ -127,7 +127,7 @@ def test_resume_skips_only_complete_matching_results(model, tmp_path: Path) -> N
     assert _explain(model, src, out) == 0
     redone = {n for n, t in stamps.items() if (out / n).stat().st_mtime_ns != t}
     assert redone == {"0.png.json", "1.png.json", "2.png.json", "3.png.json"}
-    assert (out / "1.png.overlay.png").exists() and np.load(out / "2.png.relevance.npy").shape == (3, 32, 32)
+    assert (out / "1.png.overlay.png").exists() and np.load(out / "2.png.relevance.npy").shape == (40, 48)
     # a record of other settings (say, the manifest was deleted) is redone, not kept
     (out / batch.MANIFEST).unlink()
     record = json.loads((out / "4.png.json").read_text())

@@ -2,6 +2,8 @@
 both backends across sizes and targets, maps smaller than the target, and the compiled stage."""
 from __future__ import annotations
 
+import json
+
 import warnings
 from pathlib import Path
 
@@ -224,11 +226,28 @@ def test_cli_explain_with_c3_on_photos_of_mixed_sizes(photos: Path, tmp_path: Pa
     masks = sorted(out.rglob("*.c3mask.npy"))
     assert len(masks) == 5
     for path in masks:
+        relevance = np.load(str(path).replace(".c3mask.npy", ".input_relevance.npy"))
+        model_mask = c3_opencv(relevance[None], C3Config(**lrpfx.RuleSet.builtin("c3_lrp").c3)).mask_full[0]
+        assert model_mask.shape == (64, 64) and 0 < model_mask.sum() < model_mask.size
+        # the saved mask is at the photo's size: each photo pixel takes the model pixel its centre falls in,
+        # by torchvision's resize (shorter side to 64) and centre crop, written out here independently
         mask = np.load(path)
-        assert mask.shape == (64, 64) and mask.dtype == bool and 0 < mask.sum() < mask.size
-        relevance = np.load(str(path).replace(".c3mask.npy", ".relevance.npy"))
-        expected = c3_opencv(relevance[None], C3Config(**lrpfx.RuleSet.builtin("c3_lrp").c3)).mask_full[0]
-        assert np.array_equal(mask, expected)
+        h, w = (int(v) for v in json.loads(Path(str(path).replace(".c3mask.npy", ".json")).read_text())["image_size"])
+        assert mask.shape == (h, w) and mask.dtype == bool
+        short, long = min(h, w), max(h, w)
+        rh, rw = (64, int(64 * long / short)) if h <= w else (int(64 * long / short), 64)
+        top, left = round((rh - 64) / 2), round((rw - 64) / 2)
+        v = (np.arange(h) + 0.5) * rh / h - 0.5 - top  # photo row centre in model rows
+        u = (np.arange(w) + 0.5) * rw / w - 0.5 - left
+        vi, ui = np.floor(v + 0.5).astype(int), np.floor(u + 0.5).astype(int)
+        clear_v = np.abs(v - np.round(v)) != 0.5  # away from a tie between two model pixels
+        clear_u = np.abs(u - np.round(u)) != 0.5
+        inside_v, inside_u = (vi >= 0) & (vi < 64), (ui >= 0) & (ui < 64)
+        expected = np.zeros((h, w), bool)
+        expected[np.ix_(inside_v, inside_u)] = model_mask[np.ix_(vi[inside_v], ui[inside_u])]
+        check = np.ix_(clear_v & (np.abs(v - 31.5) < 32.4), clear_u & (np.abs(u - 31.5) < 32.4))
+        assert np.array_equal(mask[check], expected[check])
+        assert not mask[~inside_v].any() and not mask[:, ~inside_u].any()  # nothing outside the crop
 
 
 @pytest.mark.slow  # torch.export and ONNX

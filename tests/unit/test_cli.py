@@ -28,9 +28,16 @@ def test_explain_writes_every_output_and_resumes(images: Path, weights: Path, tm
     assert _explain(images, weights, out) == 0
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(records) == 5 and {"predicted", "target", "logit", "relevance_sum"} <= set(records[0])
+    import cv2
+    import torchvision
+    names = torchvision.models.ResNet18_Weights.DEFAULT.meta["categories"]  # a weights file, 1000 outputs
+    for r in records:
+        assert r["predicted_class"] == names[r["predicted"]] and r["target_class"] == names[r["target"]]
+        assert r["image_size"] == [40, 48] and r["model_size"] == [32, 32]
     for key in ("img0.png", "img1.png", "img2.png", "sub/img3.png", "sub/img4.png"):  # keyed by relative path
-        assert np.load(out / f"{key}.relevance.npy").shape == (3, 32, 32)
-        assert (out / f"{key}.overlay.png").stat().st_size > 0
+        assert np.load(out / f"{key}.input_relevance.npy").shape == (3, 32, 32)  # the model's input, exact
+        assert np.load(out / f"{key}.relevance.npy").shape == (40, 48)  # at the photo's own size
+        assert cv2.imread(str(out / f"{key}.overlay.png")).shape == (40, 48, 3)
     assert not list(out.rglob(".*tmp*"))  # atomic writes leave no temporaries
     stamp = (out / "img0.png.json").stat().st_mtime_ns
     (out / "img1.png.json").unlink()  # as if a run was killed before img1 finished
@@ -110,3 +117,67 @@ def test_parser_knows_every_command_and_its_defaults() -> None:
     assert p.parse_args(["inspect", "bundled"]).rules == "epsilon_plus_flat"
     with pytest.raises(SystemExit):  # a missing required option is argparse's exit 2
         p.parse_args(["explain", "a.png"])
+
+
+def test_random_weights_are_named_and_class_names_come_from_a_file(images: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    """A torchvision architecture without weights explains an untrained network: the CLI says so."""
+    names = tmp_path / "names.txt"
+    names.write_text("".join(f"class {i}\n" for i in range(1000)))
+    assert cli.main(["explain", str(images), "--model", "torchvision:resnet18", "--out", str(tmp_path / "out"),
+                     "--size", "32", "--batch-size", "5", "--workers", "0", "--quiet", "--classes", str(names)]) == 0
+    err = capsys.readouterr().err
+    assert "lrpfx: warning: random weights: the maps explain an untrained network" in err
+    for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        assert r["predicted_class"] == f"class {r['predicted']}"
+    names.write_text("a\nb\n")
+    assert cli.main(["explain", str(images), "--model", "torchvision:resnet18", "--out", str(tmp_path / "o2"),
+                     "--classes", str(names)]) == 2
+    assert "has 2 names, but torchvision:resnet18 has 1000 outputs" in capsys.readouterr().err
+
+
+def test_bundled_model_records_its_shape_names(tmp_path: Path) -> None:
+    from PIL import Image
+    from lrpfx.cli.loading import load_model
+    from lrpfx.eval.datasets import ShapesDataset
+    data = ShapesDataset("test", n=2, seed=0, normalize=False)
+    (tmp_path / "in").mkdir()
+    for i in range(2):
+        rgb = (data[i][0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(rgb).resize((96, 128)).save(tmp_path / "in" / f"{i}.png")
+    assert cli.main(["explain", str(tmp_path / "in"), "--model", "bundled", "--out", str(tmp_path / "out"),
+                     "--workers", "0", "--quiet"]) == 0
+    classes = load_model("bundled").classes
+    assert classes is not None and len(classes) == 8
+    for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        assert r["predicted_class"] == classes[r["predicted"]] and r["image_size"] == [128, 96]
+
+
+def test_demo_names_its_stages_and_the_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["demo", "--out", str(tmp_path), "--images", "2"]) == 0
+    out, err = capsys.readouterr()
+    for stage in ("loading the bundled", "compiling the C3-LRP explainer", "explaining 2 images with C3-LRP",
+                  "Grad-CAM on 2 images", "RISE, 500 masks per image", "2/2", "drawing the figure"):
+        assert stage in err
+    assert f"wrote the comparison figure: {tmp_path / 'comparison.png'}" in out and " s in all)" in out
+    assert (tmp_path / "comparison.png").stat().st_size > 1000
+
+
+def test_unexpected_errors_and_warnings_are_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    import warnings
+
+    def broken(args):
+        warnings.warn("something to know\nover two lines")
+        raise KeyError("deep inside")
+
+    monkeypatch.setattr(cli, "cmd_inspect", broken)
+    assert cli.main(["inspect", "bundled"]) == 3
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["lrpfx: warning: something to know over two lines",
+                   "lrpfx: error: KeyError: 'deep inside'. Hint: rerun with --debug for the traceback; if your input "
+                   "is right, please report it."]
+    with pytest.raises(KeyError):  # --debug anywhere on the line: the traceback
+        cli.main(["inspect", "bundled", "--debug"])
