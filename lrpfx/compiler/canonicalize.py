@@ -22,6 +22,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lrpfx.compiler import attention_forms
 from lrpfx.compiler.patterns import BATCHNORM_TYPES, CONV_TYPES, LINEAR_TYPES, is_shape
 from lrpfx.compiler.optable import ELEMENTWISE_FUNCTIONS, ELEMENTWISE_MODULES
 from lrpfx.relevance.adjoints import split_item
@@ -637,86 +638,117 @@ def _shape_arithmetic(node: fx.Node) -> bool:
 
 def expand_attention(gm: fx.GraphModule) -> None:
     """``F.scaled_dot_product_attention`` -> ``softmax(q @ k^T * scale + mask) @ v`` (explicit, so the
-    softmax can be held constant and the products get their rules)."""
+    softmax can be held constant or take its rule and the products get theirs).
+
+    Boolean and float ``attn_mask``, ``is_causal`` (the mask is built from the sizes at run time by
+    :func:`~lrpfx.compiler.attention_forms.sdpa_mask`) and ``enable_gqa`` (k and v heads repeated) are
+    expanded; ``dropout_p`` is dropped (lrpfx explains the eval-mode function).
+    """
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not F.scaled_dot_product_attention:
             continue
         b = _bind(node, ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"))
-        if b["is_causal"] or b["enable_gqa"]:
-            continue  # left for the unmatched report
         q, k, v = b["query"], b["key"], b["value"]
         g = gm.graph
         with g.inserting_before(node):
-            kt = g.call_method("transpose", (k, -2, -1))
-            scores = g.call_function(torch.matmul, (q, kt))
+            if b["enable_gqa"]:
+                groups = g.call_function(operator.floordiv, (g.call_method("size", (q, -3)),
+                                                             g.call_method("size", (k, -3))))
+                k, v = (g.call_method("repeat_interleave", (t, groups, -3)) for t in (k, v))
+            scores = g.call_function(torch.matmul, (q, g.call_method("transpose", (k, -2, -1))))
             if b["scale"] is None:
-                size = g.call_method("size", (q, -1))
-                scale = g.call_function(operator.pow, (size, -0.5))
+                scale = g.call_function(operator.pow, (g.call_method("size", (q, -1)), -0.5))
             else:
                 scale = b["scale"]
             scores = g.call_function(operator.mul, (scores, scale))
-            if b["attn_mask"] is not None:
-                scores = g.call_function(operator.add, (scores, b["attn_mask"]))
+            if b["attn_mask"] is not None or b["is_causal"]:
+                mask = g.call_function(attention_forms.sdpa_mask, (b["attn_mask"], bool(b["is_causal"]),
+                                                                   g.call_method("size", (q, -2)),
+                                                                   g.call_method("size", (k, -2))))
+                scores = g.call_function(operator.add, (scores, mask))
             probs = g.call_function(torch.softmax, (scores, -1))
             out = g.call_function(torch.matmul, (probs, v))
         node.replace_all_uses_with(out)
         g.erase_node(node)
 
 
-
 def expand_multihead_attention(gm: fx.GraphModule) -> None:
-    """``nn.MultiheadAttention`` (self-attention, no masks, weights unused) -> its explicit ops.
+    """``nn.MultiheadAttention`` -> its explicit ops: in-projections as ``nn.Linear`` submodules, heads,
+    ``softmax(q @ k^T / sqrt(d) + mask) @ v``, the module's own ``out_proj``.
 
-    In-projections become three ``nn.Linear`` submodules (slices of ``in_proj_weight``), then
-    heads, ``softmax(q @ k^T / sqrt(d)) @ v`` and the module's own ``out_proj``: the softmax can
-    be held and each product gets its rule. Other uses stay one call, reported unmatched.
+    Self- and cross-attention, packed or separate in-projections, ``batch_first`` either way,
+    ``attn_mask`` and ``key_padding_mask`` (boolean or float; built by
+    :func:`~lrpfx.compiler.attention_forms.mha_mask`), and ``need_weights`` (the weights, if used,
+    are the softmax output, averaged over heads or not: held values under CP-LRP). Dropout is the eval-mode identity. A module
+    with ``bias_k``/``bias_v`` or ``add_zero_attn`` stays one call and is reported unmatched.
     """
     for node in list(gm.graph.nodes):
         m = _module(gm, node)
-        if not isinstance(m, nn.MultiheadAttention) or not _plain_self_attention(node, m):
+        if not isinstance(m, nn.MultiheadAttention) or not _expandable_attention(node, m):
             continue
+        b = _bind(node, _MHA_ARGS)
         g = gm.graph
-        x = node.args[0] if node.args else node.kwargs["query"]
-        names = []
-        for i, part in enumerate("qkv"):
-            lin = nn.Linear(m.embed_dim, m.embed_dim, bias=m.in_proj_bias is not None)
-            rows = slice(i * m.embed_dim, (i + 1) * m.embed_dim)
-            lin.weight = nn.Parameter(m.in_proj_weight.detach()[rows].clone(), requires_grad=False)
-            if m.in_proj_bias is not None:
-                lin.bias = nn.Parameter(m.in_proj_bias.detach()[rows].clone(), requires_grad=False)
-            names.append(f"{node.target}.{part}_proj")
-            gm.add_submodule(names[-1], lin)
+        projections = _in_projections(gm, node, m)
         heads, dim = m.num_heads, m.embed_dim // m.num_heads
         with g.inserting_before(node):
-            seq = x if m.batch_first else g.call_method("transpose", (x, 0, 1))
-            n, length = g.call_method("size", (seq, 0)), g.call_method("size", (seq, 1))
-            q, k, v = (g.call_method("transpose", (g.call_method("reshape", (g.call_module(name, (seq,)), n, length,
-                                                                            heads, dim)), 1, 2)) for name in names)
+            seq = [t if m.batch_first else g.call_method("transpose", (t, 0, 1))
+                   for t in (b["query"], b["key"], b["value"])]
+            n, length, source = (g.call_method("size", (seq[0], 0)), g.call_method("size", (seq[0], 1)),
+                                 g.call_method("size", (seq[1], 1)))
+            q, k, v = (g.call_method("transpose", (g.call_method("reshape", (g.call_module(name, (t,)), n, -1,
+                                                                            heads, dim)), 1, 2))
+                       for name, t in zip(projections, seq))
             scores = g.call_function(operator.mul, (g.call_function(torch.matmul, (
                 q, g.call_method("transpose", (k, -2, -1)))), float(dim) ** -0.5))
+            if b["attn_mask"] is not None or b["key_padding_mask"] is not None:
+                mask = g.call_function(attention_forms.mha_mask, (b["attn_mask"], b["key_padding_mask"], n, heads,
+                                                                  length, source))
+                scores = g.call_function(operator.add, (scores, mask))
             probs = g.call_function(torch.softmax, (scores, -1))
             heads_out = g.call_method("transpose", (g.call_function(torch.matmul, (probs, v)), 1, 2))
             out = g.call_module(f"{node.target}.out_proj", (g.call_method("reshape", (heads_out, n, length,
                                                                                       m.embed_dim)),))
             if not m.batch_first:
                 out = g.call_method("transpose", (out, 0, 1))
+            average = True if b["average_attn_weights"] is None else bool(b["average_attn_weights"])
+            wanted = any(u.args[1] == 1 and u.users for u in node.users)  # need_weights and the weights are read
+            weights = (g.call_function(torch.mean, (probs, 1)) if average else probs) if wanted else None
         for user in list(node.users):
-            if user.args[1] == 0:
-                user.replace_all_uses_with(out)
+            user.replace_all_uses_with(out if user.args[1] == 0 else weights)
             g.erase_node(user)
         g.erase_node(node)
 
 
-def _plain_self_attention(node: fx.Node, m: nn.MultiheadAttention) -> bool:
-    """Self-attention (query is key is value), no masks, only ``output[0]`` used, packed in-projection."""
-    b = _bind(node, ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
-                     "average_attn_weights", "is_causal"))
-    same = b["query"] is b["key"] is b["value"]
-    plain = b["key_padding_mask"] is None and b["attn_mask"] is None and not b["is_causal"]
-    packed = m._qkv_same_embed_dim and m.bias_k is None and not m.add_zero_attn
-    used = all(u.op == "call_function" and u.target is operator.getitem and (u.args[1] == 0 or not u.users)
-               for u in node.users)
-    return same and plain and packed and used
+_MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
+             "is_causal")
+
+
+def _in_projections(gm: fx.GraphModule, node: fx.Node, m: nn.MultiheadAttention) -> list[str]:
+    """Register the q, k, v in-projections of ``m`` as ``nn.Linear`` submodules; returns their names."""
+    e = m.embed_dim
+    if m._qkv_same_embed_dim:
+        weights = [m.in_proj_weight.detach()[i * e:(i + 1) * e] for i in range(3)]
+    else:
+        weights = [m.q_proj_weight.detach(), m.k_proj_weight.detach(), m.v_proj_weight.detach()]
+    names = []
+    for i, (part, w) in enumerate(zip("qkv", weights)):
+        lin = nn.Linear(w.shape[1], e, bias=m.in_proj_bias is not None, device=w.device, dtype=w.dtype)
+        lin.weight = nn.Parameter(w.clone(), requires_grad=False)
+        if m.in_proj_bias is not None:
+            lin.bias = nn.Parameter(m.in_proj_bias.detach()[i * e:(i + 1) * e].clone(), requires_grad=False)
+        names.append(f"{node.target}.{part}_proj")
+        gm.add_submodule(names[-1], lin)
+    return names
+
+
+def _expandable_attention(node: fx.Node, m: nn.MultiheadAttention) -> bool:
+    """No ``bias_k``/``bias_v``, no ``add_zero_attn``, not ``is_causal`` without a mask (torch refuses it),
+    and only the outputs taken by index (``out, weights = mha(...)``)."""
+    b = _bind(node, _MHA_ARGS)
+    causal_without_mask = bool(b["is_causal"]) and b["attn_mask"] is None
+    plain = m.bias_k is None and m.bias_v is None and not m.add_zero_attn
+    used = all(u.op == "call_function" and u.target is operator.getitem and u.args[1] in (0, 1) for u in node.users)
+    return plain and used and not causal_without_mask
 
 
 def out_of_place_activations(gm: fx.GraphModule) -> None:
@@ -751,11 +783,6 @@ def _offenders(gm: fx.GraphModule, bad: Callable[[fx.Node], bool]) -> list[fx.No
     return [n for n in gm.graph.nodes if bad(n)]
 
 
-def _causal(n: fx.Node) -> bool:
-    b = _bind(n, ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"))
-    return bool(b["is_causal"] or b["enable_gqa"])
-
-
 def _is_call(n: fx.Node, op: str, targets: Any) -> bool:
     return n.op == op and n.target in targets
 
@@ -773,8 +800,7 @@ ENSURES: dict[Callable[[fx.GraphModule], None], Callable[[fx.GraphModule], list[
     unify_routing_modules: lambda gm: _offenders(gm, lambda n: isinstance(_module(gm, n), (
         nn.modules.padding._ConstantPadNd, nn.Upsample, nn.PixelShuffle, nn.ChannelShuffle, nn.Softmax))),
     expand_attention: lambda gm: _offenders(gm, lambda n: _is_call(n, "call_function",
-                                                                   (F.scaled_dot_product_attention,))
-                                            and not _causal(n)),
+                                                                   (F.scaled_dot_product_attention,))),
     unify_arithmetic: lambda gm: _offenders(gm, lambda n: not _shape_arithmetic(n) and (
         _is_call(n, "call_function", (operator.neg, torch.neg, operator.matmul))
         or (_is_call(n, "call_function", _SUB) and len(n.args) == 2 and not n.kwargs))),
