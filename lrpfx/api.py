@@ -133,7 +133,8 @@ def unmatched_error(p: Plan) -> UnmatchedNodeError:
     hints = []
     if any(p.kinds.get(n) == "product" for n in p.unmatched):
         hints.append("products of two input-dependent values (x * y, q @ k without a softmax between) have no "
-                     "rule in the built-in rule sets: only products with a constant or held factor (a gate, "
+                     "rule in this rule set (the `attnlrp` rule sets take AttnLRP's uniform rule for them: "
+                     "lrpfx.compile(model, \"attnlrp\")): only products with a constant or held factor (a gate, "
                      "softmax probabilities) do")
     unknown = [n for n in p.unmatched if p.kinds.get(n) is None]
     if unknown:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,8 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lrpfx.compiler import attention_forms
-from lrpfx.compiler.patterns import BATCHNORM_TYPES, CONV_TYPES, LINEAR_TYPES, is_shape
 from lrpfx.compiler.optable import ELEMENTWISE_FUNCTIONS, ELEMENTWISE_MODULES
+from lrpfx.compiler.patterns import BATCHNORM_TYPES, CONV_TYPES, LINEAR_TYPES, is_shape
+from lrpfx.errors import UnmatchedNodeError
 from lrpfx.relevance.adjoints import split_item
 
 DROP_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
@@ -672,6 +674,51 @@ def expand_attention(gm: fx.GraphModule) -> None:
         g.erase_node(node)
 
 
+def expand_swin_attention(gm: fx.GraphModule) -> None:
+    """torchvision's ``shifted_window_attention`` (fx-opaque) -> :func:`~lrpfx.compiler.attention_forms.swin_attention`
+    traced and inlined: the window partition and its inverse are routing ops, the shift mask is built from
+    sizes, and the attention is explicit (its softmax held, or taking its rule). Dropout is dropped (eval)."""
+    swin = sys.modules.get("torchvision.models.swin_transformer")
+    target = getattr(swin, "shifted_window_attention", None)
+    for node in list(gm.graph.nodes):
+        if target is None or node.op != "call_function" or node.target is not target:
+            continue
+        b = _bind(node, _SWIN_ARGS)
+        tensors = ("input", "qkv_weight", "proj_weight", "relative_position_bias", "qkv_bias", "proj_bias",
+                   "logit_scale")
+        present = [t for t in tensors if b[t] is not None]
+        channels = _fetch(gm, b["qkv_weight"].target).shape[1] if b["qkv_weight"].op == "get_attr" else None
+        if channels is None:
+            continue  # weights that are not parameters: leave the call for the unmatched report
+
+        def body(*args: Any, _present: list[str] = present, _b: dict = b, _c: int = channels) -> Any:
+            given = dict(zip(_present, args))
+            return attention_forms.swin_attention(
+                given["input"], given["qkv_weight"], given["proj_weight"], given["relative_position_bias"],
+                given.get("qkv_bias"), given.get("proj_bias"), given.get("logit_scale"),
+                window_size=list(_b["window_size"]), num_heads=_b["num_heads"], shift_size=list(_b["shift_size"]),
+                channels=_c)
+        _inline(gm, node, body, [b[t] for t in present])
+
+
+_SWIN_ARGS = ("input", "qkv_weight", "proj_weight", "relative_position_bias", "window_size", "num_heads",
+              "shift_size", "attention_dropout", "dropout", "qkv_bias", "proj_bias", "logit_scale", "training")
+
+
+def _inline(gm: fx.GraphModule, node: fx.Node, body: Callable[..., Any], args: list[fx.Node]) -> None:
+    """Replace ``node`` by the graph of ``body(*args)`` traced with fx (the functions in
+    ``attention_forms.WRAPPED`` kept as single calls)."""
+    params = ", ".join(f"a{i}" for i in range(len(args)))
+    namespace: dict[str, Any] = {"body": body}
+    exec(f"def traced({params}):\n    return body({params})\n", namespace)  # fx traces a fixed signature
+    sub = fx.Tracer(autowrap_functions=attention_forms.WRAPPED).trace(namespace["traced"])
+    placeholders = [n for n in sub.nodes if n.op == "placeholder"]
+    with gm.graph.inserting_before(node):
+        out = gm.graph.graph_copy(sub, dict(zip(placeholders, args)))
+    node.replace_all_uses_with(out)
+    gm.graph.erase_node(node)
+
+
 def expand_multihead_attention(gm: fx.GraphModule) -> None:
     """``nn.MultiheadAttention`` -> its explicit ops: in-projections as ``nn.Linear`` submodules, heads,
     ``softmax(q @ k^T / sqrt(d) + mask) @ v``, the module's own ``out_proj``.
@@ -680,12 +727,18 @@ def expand_multihead_attention(gm: fx.GraphModule) -> None:
     ``attn_mask`` and ``key_padding_mask`` (boolean or float; built by
     :func:`~lrpfx.compiler.attention_forms.mha_mask`), and ``need_weights`` (the weights, if used,
     are the softmax output, averaged over heads or not: held values under CP-LRP). Dropout is the eval-mode identity. A module
-    with ``bias_k``/``bias_v`` or ``add_zero_attn`` stays one call and is reported unmatched.
+    with ``bias_k``/``bias_v`` or ``add_zero_attn`` raises :class:`UnmatchedNodeError` naming the node.
     """
     for node in list(gm.graph.nodes):
         m = _module(gm, node)
-        if not isinstance(m, nn.MultiheadAttention) or not _expandable_attention(node, m):
+        if not isinstance(m, nn.MultiheadAttention):
             continue
+        why = _not_expandable(node, m)
+        if why:
+            raise UnmatchedNodeError(
+                f"node {node.name!r} ({node.format_node()}): lrpfx cannot write this nn.MultiheadAttention as "
+                f"explicit attention: {why}. Hint: build the module without it, or write the attention with "
+                "explicit ops (q @ k.transpose(-2, -1) * scale, softmax, @ v), which lrpfx traces.", [node.name])
         b = _bind(node, _MHA_ARGS)
         g = gm.graph
         projections = _in_projections(gm, node, m)
@@ -741,14 +794,18 @@ def _in_projections(gm: fx.GraphModule, node: fx.Node, m: nn.MultiheadAttention)
     return names
 
 
-def _expandable_attention(node: fx.Node, m: nn.MultiheadAttention) -> bool:
-    """No ``bias_k``/``bias_v``, no ``add_zero_attn``, not ``is_causal`` without a mask (torch refuses it),
-    and only the outputs taken by index (``out, weights = mha(...)``)."""
+def _not_expandable(node: fx.Node, m: nn.MultiheadAttention) -> str:
+    """Why ``m`` cannot be expanded (empty if it can)."""
     b = _bind(node, _MHA_ARGS)
-    causal_without_mask = bool(b["is_causal"]) and b["attn_mask"] is None
-    plain = m.bias_k is None and m.bias_v is None and not m.add_zero_attn
-    used = all(u.op == "call_function" and u.target is operator.getitem and u.args[1] in (0, 1) for u in node.users)
-    return plain and used and not causal_without_mask
+    if m.bias_k is not None or m.bias_v is not None:
+        return "bias_k/bias_v (add_bias_kv=True) append learned keys and values"
+    if m.add_zero_attn:
+        return "add_zero_attn=True appends a zero key and value"
+    if bool(b["is_causal"]) and b["attn_mask"] is None:
+        return "is_causal=True without an attn_mask (torch itself refuses it)"
+    if not all(u.op == "call_function" and u.target is operator.getitem and u.args[1] in (0, 1) for u in node.users):
+        return "its output tuple is used as a whole, not as out, weights = mha(...)"
+    return ""
 
 
 def out_of_place_activations(gm: fx.GraphModule) -> None:
@@ -771,7 +828,8 @@ def out_of_place_activations(gm: fx.GraphModule) -> None:
 
 
 PASSES: tuple[Callable[[fx.GraphModule], None], ...] = (
-    fold_constants, functional_layers_to_modules, drop_dropout_identity, expand_multihead_attention,
+    expand_swin_attention, fold_constants, functional_layers_to_modules, drop_dropout_identity,
+    expand_multihead_attention,
     expand_attention, unify_routing_modules,
     out_of_place_activations, unify_relu, unify_clamp, unify_gate_functions, unify_split, unify_arithmetic, unify_mul, unify_cat, unify_add,
     unify_reshape, spatial_mean_to_pool, fold_batchnorm,

@@ -39,6 +39,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lrpfx.compiler import attention_forms
 from lrpfx.errors import RegistryError
 from lrpfx.relevance.adjoints import split_item
 
@@ -50,6 +51,7 @@ ROUTING_FUNCTIONS: set[Callable] = {
     torch.select, torch.stack, torch.t, torch.unflatten, torch.tile, torch.index_select, torch.gather,
     torch.take_along_dim, torch.repeat_interleave, torch.squeeze, torch.unsqueeze, F.pad, F.pixel_shuffle,
     F.pixel_unshuffle, torch.channel_shuffle, operator.getitem, split_item, torch.clone,
+    attention_forms.swin_windows, attention_forms.swin_unwindows,
 }
 ROUTING_METHODS: set[str] = {
     "permute", "transpose", "swapaxes", "movedim", "contiguous", "expand", "expand_as", "repeat", "roll", "flip",
@@ -70,7 +72,7 @@ ELEMENTWISE_MODULES: tuple[type, ...] = (
     nn.PReLU, nn.Sigmoid, nn.Hardsigmoid, nn.LogSigmoid,
 )
 NORM_MODULES: tuple[type, ...] = (nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.RMSNorm)
-HELD_FUNCTIONS: set[Callable] = {F.softmax, torch.softmax}
+HELD_FUNCTIONS: set[Callable] = {F.softmax, torch.softmax, attention_forms.inverse_norm}
 HELD_METHODS: set[str] = {"softmax"}
 HELD_MODULES: tuple[type, ...] = (nn.Softmax,)
 #: the softmax spellings: held (CP-LRP) unless the rule set binds the ``softmax`` pattern (AttnLRP)

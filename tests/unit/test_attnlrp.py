@@ -298,6 +298,20 @@ def test_multihead_attention_weights_are_replayed() -> None:
         assert torch.allclose(logits, model(x), rtol=1e-12, atol=1e-12) and torch.isfinite(relevance).all()
 
 
+@pytest.mark.parametrize(("kwargs", "why"), [({"add_bias_kv": True}, "bias_k/bias_v"),
+                                             ({"add_zero_attn": True}, "add_zero_attn")])
+def test_multihead_attention_that_cannot_be_expanded_is_named(kwargs: dict, why: str) -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mha = nn.MultiheadAttention(4, 2, batch_first=True, **kwargs)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.mha(x, x, x, need_weights=False)[0].mean(1)
+    with pytest.raises(lrpfx.UnmatchedNodeError, match=rf"node 'mha' .*{why}.*Hint: build the module without it"):
+        lrpfx.compile(Net().eval(), "attnlrp")
+
+
 class SDPANet(nn.Module):
     """Tokens -> q, k, v projections -> ``F.scaled_dot_product_attention`` (one configuration) -> head."""
 
@@ -402,7 +416,8 @@ def test_a_product_of_activations_names_the_attnlrp_rule_set_elsewhere() -> None
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.a(x) * self.b(x)
     model = Bilinear().eval()
-    with pytest.raises(lrpfx.UnmatchedNodeError, match=r"product of two input-dependent values"):
+    with pytest.raises(lrpfx.UnmatchedNodeError,
+                       match=r"(?s)a product of two input-dependent values.*Hint: .*lrpfx.compile\(model, \"attnlrp\"\)"):
         lrpfx.compile(model, "epsilon")
     relevance, logits = lrpfx.compile(model, "attnlrp", bindings={"linear": lrpfx.Zero()})(torch.randn(2, 4))
     assert torch.allclose(relevance.sum(1), logits.max(1).values, rtol=1e-5)  # uniform R/2 each, then bias-free LRP-0: conserved
