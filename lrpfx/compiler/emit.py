@@ -5,6 +5,12 @@ the trace's names, then the output relevance, then one rule application per node
 reverse graph order. ``rel_<v>`` is the relevance of forward value ``<v>``; a value with
 several users gets one share per user, ``rel_<v>_from_<user>``, summed into ``rel_<v>``.
 Hyperparameters are keyword literals; the math is in :mod:`lrpfx.relevance.kernels`.
+
+Constant folding: a call of a function marked :func:`lrpfx.relevance.kernels.constant` (the
+weight transforms: w+, w + gamma w+, w^2, ...) whose inputs are all parameters or literals is
+evaluated once, here, and its result registered as a buffer ``<parameter>_<suffix>`` of the
+explainer; the generated forward reads the buffer. Any rule benefits: it only has to ask for
+its modified weights as such calls.
 """
 from __future__ import annotations
 
@@ -33,6 +39,8 @@ class Emitter:
         self.env: dict[fx.Node, fx.Node] = {}
         self.shares: dict[fx.Node, list[tuple[str, fx.Node]]] = {}
         self._made: dict[int, fx.Node] = {}  # Call objects shared within one rule application
+        self._constants: dict[Any, fx.Node] = {}  # folded weight transforms, shared by every rule
+        self.folded: list[str] = []  # names of the buffers registered by constant folding
         self.ops = OpBuilder(plan, self.env, self.param)
         self.ratio = plan.ratio_form()  # propagate c = R / value (LRP-0 networks) instead of R
 
@@ -144,9 +152,28 @@ class Emitter:
     def _node(self, call: Call, name: str | None, meta: dict[str, str]) -> fx.Node:
         args = tuple(self._materialize(a, meta) for a in call.args)
         kwargs = {k: self._materialize(v, meta) for k, v in call.kwargs.items()}
+        if kernels.is_constant(call.fn) and _static((args, kwargs)):
+            return self._fold(call.fn, args, kwargs)
         node = self.graph.create_node("call_function", call.fn, args, kwargs, name=name)
         node.meta["lrpfx"] = dict(meta)
         return node
+
+    def _fold(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.Node:
+        """Evaluate a pure function of parameters now; its result becomes a buffer read by a get_attr node."""
+        key = (fn, _key(args), _key(kwargs))
+        if key not in self._constants:
+            with torch.no_grad():
+                value = fn(*_resolve(self.gm, args), **_resolve(self.gm, kwargs))
+            first = next(a for a in _leaves(args) if isinstance(a, fx.Node))
+            name = base = f"{first.target.replace('.', '_')}_{fn.lrpfx_constant}"
+            i = 0
+            while hasattr(self.gm, name):
+                i += 1
+                name = f"{base}_{i}"
+            self.gm.register_buffer(name, value.detach().clone())  # never a view of the model's own tensor
+            self.folded.append(name)
+            self._constants[key] = self.graph.get_attr(name)
+        return self._constants[key]
 
     def _materialize(self, v: Any, meta: dict[str, str]) -> Any:
         if isinstance(v, (list, tuple)) and any(isinstance(x, Call) for x in v):
@@ -156,6 +183,45 @@ class Emitter:
         if id(v) not in self._made:
             self._made[id(v)] = self._node(v, None, meta)
         return self._made[id(v)]
+
+
+def _leaves(v: Any) -> list[Any]:
+    if isinstance(v, dict):
+        v = list(v.values())
+    if isinstance(v, (list, tuple)):
+        return [x for a in v for x in _leaves(a)]
+    return [v]
+
+
+def _static(v: Any) -> bool:
+    """Whether every input is a parameter (get_attr) or a literal: the call can be folded."""
+    leaves = _leaves(v)
+    return any(isinstance(a, fx.Node) for a in leaves) and \
+        all(a.op == "get_attr" if isinstance(a, fx.Node) else not isinstance(a, torch.Tensor) for a in leaves)
+
+
+def _key(v: Any) -> Any:
+    if isinstance(v, fx.Node):
+        return ("attr", v.target)
+    if isinstance(v, dict):
+        return tuple((k, _key(a)) for k, a in sorted(v.items()))
+    if isinstance(v, (list, tuple)):
+        return tuple(_key(a) for a in v)
+    return v
+
+
+def _resolve(gm: fx.GraphModule, v: Any) -> Any:
+    """get_attr nodes replaced by the tensors they read."""
+    if isinstance(v, fx.Node):
+        obj: Any = gm
+        for part in str(v.target).split("."):
+            obj = getattr(obj, part)
+        return obj
+    if isinstance(v, dict):
+        return {k: _resolve(gm, a) for k, a in v.items()}
+    if isinstance(v, (list, tuple)):
+        return type(v)(_resolve(gm, a) for a in v)
+    return v
 
 
 def emit(plan: Plan, postprocess: list[tuple[Any, dict[str, Any], tuple[str, ...]]] | None = None) -> fx.GraphModule:
@@ -180,6 +246,10 @@ def emit(plan: Plan, postprocess: list[tuple[Any, dict[str, Any], tuple[str, ...
     # drop get_attr nodes a rule did not use (e.g. the bias under z+ on the flat first layer)
     gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or n.target is kernels.check_input)
     gm.delete_all_unused_submodules()
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name in e.folded:
+        if name not in used and hasattr(gm, name):
+            delattr(gm, name)  # a folded weight whose only user was dead code
     gm.recompile()
     for p in gm.parameters():
         p.requires_grad_(False)  # the explainer is a pure function of its input: no autograd state

@@ -92,12 +92,78 @@ def _transpose(s: torch.Tensor, weight: torch.Tensor, in_shape: Sequence[int],
     return _CONV_T[nd](s, weight, None, stride, padding, out_pad, groups, dilation)
 
 
-def _pos(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.clamp(min=0)
+# --------------------------------------------------------------------------- compile-time constants
+# The weights a rule modifies (w+, w-, w + gamma w+, the box weights, w^2, ...) depend on the
+# parameters only. A rule asks for them as Calls on the parameter handles; the emitter evaluates
+# every call of a function marked with @constant whose inputs are all parameters or literals ONCE,
+# at compile time, and stores the result as a buffer of the explainer (``<param>_<suffix>``), so
+# the generated forward does no weight arithmetic and exported files carry the prepared weights.
+def constant(suffix: str) -> Any:
+    """Mark ``fn`` as a pure function of parameters: the emitter folds its calls into buffers named ``*_<suffix>``."""
+    def mark(fn: Any) -> Any:
+        fn.lrpfx_constant = suffix
+        return fn
+    return mark
 
 
-def _neg(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.clamp(max=0)
+def is_constant(fn: Any) -> bool:
+    """Whether calls of ``fn`` on parameters and literals are folded into buffers at compile time."""
+    return bool(getattr(fn, "lrpfx_constant", None))
+
+
+@constant("pos")
+def positive_part(t: torch.Tensor) -> torch.Tensor:
+    """t+ = max(t, 0) (a weight's or a bias's positive part)."""
+    return t.clamp(min=0)
+
+
+@constant("neg")
+def negative_part(t: torch.Tensor) -> torch.Tensor:
+    """t- = min(t, 0)."""
+    return t.clamp(max=0)
+
+
+@constant("gamma_up")
+def gamma_up(t: torch.Tensor, *, gamma: float) -> torch.Tensor:
+    """t + gamma t+ (LRP-gamma's weights and bias for outputs with z > 0)."""
+    return t + gamma * t.clamp(min=0)
+
+
+@constant("gamma_down")
+def gamma_down(t: torch.Tensor, *, gamma: float) -> torch.Tensor:
+    """t + gamma t- (LRP-gamma's weights and bias for outputs with z < 0)."""
+    return t + gamma * t.clamp(max=0)
+
+
+@constant("gamma_p_bias")
+def gamma_p_bias(weight: torch.Tensor, bias: torch.Tensor | None, *, gamma: float, eps: float) -> torch.Tensor:
+    """b+ + eps / gamma: the bias of the gamma kernel's extra convolution p = W+ a + b+ + eps / gamma."""
+    b_p = torch.full((weight.shape[0],), eps / gamma, dtype=weight.dtype, device=weight.device)
+    return b_p if bias is None else b_p + bias.clamp(min=0)
+
+
+@constant("ones")
+def ones_like(t: torch.Tensor) -> torch.Tensor:
+    """A tensor of ones shaped like ``t`` (the flat rule's weights)."""
+    return torch.ones_like(t)
+
+
+@constant("sq")
+def square(t: torch.Tensor) -> torch.Tensor:
+    """t * t (the w^2 rule's weights and bias)."""
+    return t * t
+
+
+@constant("scale")
+def batchnorm_scale(running_var: torch.Tensor, weight: torch.Tensor | None, *, bn_eps: float) -> torch.Tensor:
+    """A BatchNorm's scale s = weight / sqrt(running_var + eps), per channel."""
+    scale = torch.rsqrt(running_var + bn_eps)
+    return scale if weight is None else scale * weight
+
+
+def _half_eps_shift(eps: float, gamma: float, dtype: torch.dtype) -> float:
+    """What to add to a folded eps / gamma where float16/bfloat16 raise the stabilizer (0 otherwise)."""
+    return (effective_eps(eps, dtype) - eps) / gamma
 
 
 # --------------------------------------------------------------------------- linear-type rules
@@ -135,42 +201,42 @@ def ratio_top(logits: torch.Tensor, target: torch.Tensor | int | None, *, top: s
     return top_relevance(logits, target, top=top) / stabilize(logits, 0.0)
 
 
-def zplus(a: torch.Tensor, rel: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-          *, eps: float, nonneg: bool = False, stride: Sequence[int] | None = None,
+def zplus(a: torch.Tensor, rel: torch.Tensor, wp: torch.Tensor, bp: torch.Tensor | None = None,
+          wn: torch.Tensor | None = None, *, eps: float, nonneg: bool = False, stride: Sequence[int] | None = None,
           padding: Sequence[int] | None = None, dilation: Sequence[int] | None = None,
           groups: int = 1) -> torch.Tensor:
     """z+ as zennit's ``ZPlus`` = alpha1-beta0 (Bach et al., 2015; Montavon et al., 2017).
 
     Positive contributions ``w+ a+ + w- a-``, with ``b+`` in the denominator when a bias is
-    given. ``nonneg=True`` states that ``a >= 0`` (proven at compile time), which drops
-    the two terms that vanish then.
+    given. ``wp``/``bp``/``wn`` are w+, b+ and w- (prepared at compile time). ``nonneg=True``
+    states that ``a >= 0`` (proven at compile time), which drops the two terms that vanish
+    then (and ``wn``).
     """
     geo = (stride, padding, dilation, groups)
-    wp = weight.clamp(min=0)
     if nonneg:
-        z = _forward(a, wp, _pos(bias), *geo)  # >= 0: a >= 0, w+ >= 0, b+ >= 0, so no sign to take
+        z = _forward(a, wp, bp, *geo)  # >= 0: a >= 0, w+ >= 0, b+ >= 0, so no sign to take
         return _transpose(rel / stabilize(z, eps, nonneg=True), wp, a.shape, *geo).mul_(a)
-    wn = weight.clamp(max=0)
+    assert wn is not None, "zplus on a signed input needs w-"
     ap, an = a.clamp(min=0), a.clamp(max=0)
-    z = _forward(ap, wp, _pos(bias), *geo) + _forward(an, wn, None, *geo)
+    z = _forward(ap, wp, bp, *geo) + _forward(an, wn, None, *geo)
     s = rel / stabilize(z, eps)
     return ap * _transpose(s, wp, a.shape, *geo) + an * _transpose(s, wn, a.shape, *geo)
 
 
-def alpha_beta(a: torch.Tensor, rel: torch.Tensor, weight: torch.Tensor,
-               bias: torch.Tensor | None = None, *, alpha: float, beta: float, eps: float,
+def alpha_beta(a: torch.Tensor, rel: torch.Tensor, wp: torch.Tensor, wn: torch.Tensor,
+               bp: torch.Tensor | None = None, bn: torch.Tensor | None = None, *, alpha: float, beta: float, eps: float,
                nonneg: bool = False, stride: Sequence[int] | None = None,
                padding: Sequence[int] | None = None, dilation: Sequence[int] | None = None,
                groups: int = 1) -> torch.Tensor:
     """LRP-alpha-beta (Bach et al., 2015), zennit's handling of signed inputs.
 
-    Positive part ``w+ a+ + w- a-`` (+ ``b+``), negative part ``w- a+ + w+ a-`` (+ ``b-``).
+    Positive part ``w+ a+ + w- a-`` (+ ``b+``), negative part ``w- a+ + w+ a-`` (+ ``b-``);
+    ``wp``, ``wn``, ``bp``, ``bn`` are w+, w-, b+, b- (prepared at compile time).
     """
     geo = (stride, padding, dilation, groups)
-    wp, wn = weight.clamp(min=0), weight.clamp(max=0)
     ap, an = a.clamp(min=0), a.clamp(max=0)
-    zp = _forward(ap, wp, _pos(bias), *geo)
-    zn = _forward(ap, wn, _neg(bias), *geo)
+    zp = _forward(ap, wp, bp, *geo)
+    zn = _forward(ap, wn, bn, *geo)
     if not nonneg:
         zp = zp + _forward(an, wn, None, *geo)
         zn = zn + _forward(an, wp, None, *geo)
@@ -182,42 +248,47 @@ def alpha_beta(a: torch.Tensor, rel: torch.Tensor, weight: torch.Tensor,
     return out
 
 
-def gamma(a: torch.Tensor, z: torch.Tensor, rel: torch.Tensor, weight: torch.Tensor,
-          bias: torch.Tensor | None = None, *, gamma: float, eps: float, nonneg: bool = False,
+def gamma(a: torch.Tensor, z: torch.Tensor, rel: torch.Tensor, wp: torch.Tensor, b_p: torch.Tensor,
+          w_up: torch.Tensor, w_dn: torch.Tensor | None = None, *, gamma: float, eps: float,
           z_rectified: bool = False, stride: Sequence[int] | None = None, padding: Sequence[int] | None = None,
           dilation: Sequence[int] | None = None, groups: int = 1) -> torch.Tensor:
-    """Generalized LRP-gamma (Montavon et al., 2019; Andeol et al., 2021), as zennit's ``Gamma``.
+    """Generalized LRP-gamma (Montavon et al., 2019; Andeol et al., 2021) on a non-negative input ``a``.
 
-    Outputs with ``z > 0`` propagate through ``w + gamma w+`` (contributions ``a+`` and
-    ``a-`` with the matching weight signs), outputs with ``z < 0`` through ``w + gamma w-``.
-    ``z`` is the layer's real output, reused.
-
-    With ``a >= 0`` (``nonneg``) one extra convolution p = W+ a + b+ + eps/gamma gives both
-    stabilized denominators: z_up + eps = z + gamma p and z_dn - eps = (1 + gamma) z - gamma p
-    (the stabilizer's sign is known: z_up >= z > 0 and z_dn <= z < 0 where they are used).
-    ``z_rectified`` (the forward applied its ReLU in place on z, and the relevance is 0
-    wherever z <= 0) drops the z < 0 branch, whose relevance is 0: one transposed convolution.
+    Outputs with ``z > 0`` propagate through ``w_up = w + gamma w+``, outputs with ``z < 0``
+    through ``w_dn = w + gamma w-``; ``z`` is the layer's real output, reused. One extra
+    convolution p = W+ a + b_p, with ``b_p = b+ + eps/gamma`` (all weights prepared at compile
+    time), gives both stabilized denominators: z_up + eps = z + gamma p and
+    z_dn - eps = (1 + gamma) z - gamma p (the stabilizer's sign is known: z_up >= z > 0 and
+    z_dn <= z < 0 where they are used). ``z_rectified`` (the forward applied its ReLU in place
+    on z, and the relevance is 0 wherever z <= 0) drops the z < 0 branch, whose relevance is
+    0: one transposed convolution, and ``w_dn`` is not needed. Signed inputs: :func:`gamma_signed`.
     """
     geo = (stride, padding, dilation, groups)
-    w_up = weight + gamma * weight.clamp(min=0)
-    if nonneg and gamma > 0:
-        eps = effective_eps(eps, z.dtype)
-        wp = weight.clamp(min=0)
-        b_p = torch.full((wp.shape[0],), eps / gamma, dtype=z.dtype, device=z.device)
-        if bias is not None:
-            b_p = b_p + bias.clamp(min=0)
-        p = _forward(a, wp, b_p, *geo)
-        if z_rectified:
-            s_up = rel / torch.add(z, p, alpha=gamma)
-            return _transpose(s_up, w_up, a.shape, *geo).mul_(a)
-        zero = rel.new_zeros(())
-        s_up = torch.where(z > 0, rel / torch.add(z, p, alpha=gamma), zero)
-        s_dn = torch.where(z < 0, rel / torch.add(z, p, alpha=-gamma / (1 + gamma)).mul_(1 + gamma), zero)
-        w_dn = weight + gamma * weight.clamp(max=0)
-        return _transpose(s_up, w_up, a.shape, *geo).add_(_transpose(s_dn, w_dn, a.shape, *geo)).mul_(a)
-    w_dn = weight + gamma * weight.clamp(max=0)
-    b_up = None if bias is None else bias + gamma * bias.clamp(min=0)
-    b_dn = None if bias is None else bias + gamma * bias.clamp(max=0)
+    shift = _half_eps_shift(eps, gamma, z.dtype)
+    if shift:  # float16/bfloat16 raise the stabilizer: a static branch on the dtype
+        b_p = b_p + shift
+    p = _forward(a, wp, b_p, *geo)
+    if z_rectified:
+        s_up = rel / torch.add(z, p, alpha=gamma)
+        return _transpose(s_up, w_up, a.shape, *geo).mul_(a)
+    assert w_dn is not None, "gamma on an output that is not rectified needs w + gamma w-"
+    zero = rel.new_zeros(())
+    s_up = torch.where(z > 0, rel / torch.add(z, p, alpha=gamma), zero)
+    s_dn = torch.where(z < 0, rel / torch.add(z, p, alpha=-gamma / (1 + gamma)).mul_(1 + gamma), zero)
+    return _transpose(s_up, w_up, a.shape, *geo).add_(_transpose(s_dn, w_dn, a.shape, *geo)).mul_(a)
+
+
+def gamma_signed(a: torch.Tensor, z: torch.Tensor, rel: torch.Tensor, w_up: torch.Tensor, w_dn: torch.Tensor,
+                 b_up: torch.Tensor | None = None, b_dn: torch.Tensor | None = None, *, gamma: float, eps: float,
+                 nonneg: bool = False, stride: Sequence[int] | None = None, padding: Sequence[int] | None = None,
+                 dilation: Sequence[int] | None = None, groups: int = 1) -> torch.Tensor:
+    """Generalized LRP-gamma, zennit's ``Gamma`` for any input sign (and for gamma = 0).
+
+    ``w_up = w + gamma w+``, ``w_dn = w + gamma w-``, ``b_up``, ``b_dn`` likewise (prepared at
+    compile time). Outputs with ``z > 0`` take contributions ``a+ w_up + a- w_dn``, outputs
+    with ``z < 0`` take ``a+ w_dn + a- w_up``.
+    """
+    geo = (stride, padding, dilation, groups)
     ap = a.clamp(min=0)
     z_up = _forward(ap, w_up, b_up, *geo)
     z_dn = _forward(ap, w_dn, b_dn, *geo)
@@ -242,7 +313,7 @@ def _bound(value: Sequence[float] | float, like: torch.Tensor) -> torch.Tensor:
     return t.expand_as(like)
 
 
-def zbox(a: torch.Tensor, rel: torch.Tensor, weight: torch.Tensor, *,
+def zbox(a: torch.Tensor, rel: torch.Tensor, weight: torch.Tensor, wp: torch.Tensor, wn: torch.Tensor, *,
          low: Sequence[float] | float, high: Sequence[float] | float, eps: float,
          stride: Sequence[int] | None = None, padding: Sequence[int] | None = None,
          dilation: Sequence[int] | None = None, groups: int = 1) -> torch.Tensor:
@@ -250,9 +321,9 @@ def zbox(a: torch.Tensor, rel: torch.Tensor, weight: torch.Tensor, *,
 
     ``low``/``high`` are the lowest and highest possible (normalized) input values, per
     channel; like the input they are zero-padded. Biases cancel exactly, so none is taken.
+    ``wp``/``wn`` are w+ and w- (prepared at compile time).
     """
     geo = (stride, padding, dilation, groups)
-    wp, wn = weight.clamp(min=0), weight.clamp(max=0)
     lo, hi = _bound(low, a), _bound(high, a)
     z = _forward(a, weight, None, *geo) - _forward(lo, wp, None, *geo) - _forward(hi, wn, None, *geo)
     s = rel / stabilize(z, eps)
@@ -260,33 +331,37 @@ def zbox(a: torch.Tensor, rel: torch.Tensor, weight: torch.Tensor, *,
             - hi * _transpose(s, wn, a.shape, *geo))
 
 
-def flat(a: torch.Tensor, rel: torch.Tensor, weight: torch.Tensor, *, eps: float,
+def flat(a: torch.Tensor, rel: torch.Tensor, ones_w: torch.Tensor, *, eps: float,
          stride: Sequence[int] | None = None, padding: Sequence[int] | None = None,
          dilation: Sequence[int] | None = None, groups: int = 1) -> torch.Tensor:
-    """The flat rule (Lapuschkin et al., 2019): relevance spread uniformly over the receptive field."""
+    """The flat rule (Lapuschkin et al., 2019): relevance spread uniformly over the receptive field.
+
+    ``ones_w`` is a tensor of ones shaped like the weight (prepared at compile time).
+    """
     geo = (stride, padding, dilation, groups)
-    ones_w = torch.ones_like(weight)
     z = _forward(torch.ones_like(a), ones_w, None, *geo)
     return _transpose(rel / stabilize(z, eps), ones_w, a.shape, *geo)
 
 
-def wsquare(a: torch.Tensor, rel: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+def wsquare(a: torch.Tensor, rel: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor | None = None,
             *, eps: float, stride: Sequence[int] | None = None, padding: Sequence[int] | None = None,
             dilation: Sequence[int] | None = None, groups: int = 1) -> torch.Tensor:
-    """The w^2 rule (Montavon et al., 2017), as zennit's ``WSquare`` (squared bias in the denominator)."""
+    """The w^2 rule (Montavon et al., 2017), as zennit's ``WSquare`` (squared bias in the denominator).
+
+    ``w2``/``b2`` are the squared weight and bias (prepared at compile time).
+    """
     geo = (stride, padding, dilation, groups)
-    w2 = weight * weight
-    z = _forward(torch.ones_like(a), w2, None if bias is None else bias * bias, *geo)
+    z = _forward(torch.ones_like(a), w2, b2, *geo)
     return _transpose(rel / stabilize(z, eps), w2, a.shape, *geo)
 
 
 # --------------------------------------------------------------------------- other ops
-def batchnorm_epsilon(a: torch.Tensor, z: torch.Tensor, rel: torch.Tensor, running_var: torch.Tensor,
-                      weight: torch.Tensor | None, *, bn_eps: float, eps: float) -> torch.Tensor:
-    """Elementwise LRP-epsilon on an un-folded BatchNorm ``y = s x + t`` (METHOD_SPEC §1.3 (b))."""
-    scale = torch.rsqrt(running_var + bn_eps)
-    if weight is not None:
-        scale = scale * weight
+def batchnorm_epsilon(a: torch.Tensor, z: torch.Tensor, rel: torch.Tensor, scale: torch.Tensor, *,
+                      eps: float) -> torch.Tensor:
+    """Elementwise LRP-epsilon on an un-folded BatchNorm ``y = s x + t`` (METHOD_SPEC §1.3 (b)).
+
+    ``scale`` is s per channel (:func:`batchnorm_scale`, prepared at compile time).
+    """
     scale = scale.view(1, -1, *([1] * (a.dim() - 2)))
     return a * scale * (rel / stabilize(z, eps))
 
@@ -692,7 +767,8 @@ def block_dense_zplus(x: torch.Tensor, out: torch.Tensor, rel: torch.Tensor, act
                       eps: float, nonneg: bool = False) -> torch.Tensor:
     """The block as one positive dense layer (METHOD_SPEC §2, Formulation B).
 
-    The block's positive twin: folded weights clamped at 0, biases dropped, each ReLU
+    The block's positive twin: folded weights clamped at 0 (``weights`` and ``skip_weight`` are
+    these clamped weights, prepared at compile time), biases dropped, each ReLU
     replaced by its mask from the real forward, the gate (>= 0) kept as a constant, the
     projection clamped too (after the shortcut's average pooling, itself positive). It is
     linear, u+ = J+ x with J+ >= 0, and R_x = x * (J+)^T (R_O / (u+ + eps)): non-negative for
@@ -700,8 +776,7 @@ def block_dense_zplus(x: torch.Tensor, out: torch.Tensor, rel: torch.Tensor, act
     ``nonneg=True`` states that x >= 0 (proven at compile time), so u+ >= 0 and the
     stabilizer needs no sign.
     """
-    wp = [w.clamp(min=0) for w in weights]
-    swp = None if skip_weight is None else skip_weight.clamp(min=0)
+    wp, swp = weights, skip_weight
     off = _off_masks(acts)  # shared by the twin's forward and its transpose
     u_plus = _main_twin(x, acts, wp, geometry, gate, off)
     u_plus = u_plus.add_(_skip_forward(x, swp, skip_geometry, skip_pool))  # in place: fresh
@@ -734,7 +809,8 @@ def block_eccv(x: torch.Tensor, rel: torch.Tensor, acts: Sequence[torch.Tensor],
 
     Split R at the add into R_m = r R and R_s = R - R_m (so R_m + R_s = R exactly), then
     z+ through the main branch's convs (ReLUs and a gate pass) and through the projection,
-    if any; a pooled shortcut's average pooling then takes the Norm rule.
+    if any; a pooled shortcut's average pooling then takes the Norm rule. ``weights`` and
+    ``skip_weight`` are the convs' positive parts w+ (prepared at compile time).
     """
     r_main = split_ratio(h_main, h_skip, split=split, eps=eps) * rel
     r_skip = rel - r_main
@@ -760,12 +836,14 @@ def renormalize(rel_in: torch.Tensor, rel_out: torch.Tensor, *, eps: float) -> t
     return rel_in * total_out / stabilize(total_in, eps)
 
 
-def flat_positive(a: torch.Tensor, rel: torch.Tensor, weight: torch.Tensor, *, eps: float,
+def flat_positive(a: torch.Tensor, rel: torch.Tensor, wp: torch.Tensor, *, eps: float,
                   stride: Sequence[int] | None = None, padding: Sequence[int] | None = None,
                   dilation: Sequence[int] | None = None, groups: int = 1) -> torch.Tensor:
-    """z+ on an all-ones input, the ECCV release's first layer: R_j = sum_k w+_jk / sum_j w+_jk R_k."""
+    """z+ on an all-ones input, the ECCV release's first layer: R_j = sum_k w+_jk / sum_j w+_jk R_k.
+
+    ``wp`` is w+ (prepared at compile time).
+    """
     geo = (stride, padding, dilation, groups)
-    wp = weight.clamp(min=0)
     z = _forward(torch.ones_like(a), wp, None, *geo)
     return _transpose(rel / stabilize(z, eps), wp, a.shape, *geo)
 

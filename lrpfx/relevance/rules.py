@@ -35,6 +35,21 @@ def _bias(op: Op, zero_bias: bool) -> Any:
     return None if zero_bias else op.params.get("bias")
 
 
+# Weight transforms are Calls on the parameter handles: the emitter folds them into buffers at
+# compile time (kernels.constant), so the generated forward does no weight arithmetic.
+def _const(fn: Any, t: Any, **kwargs: Any) -> Call | None:
+    """``fn(t, **kwargs)`` as a deferred call, or None when there is no tensor (no bias)."""
+    return None if t is None else Call(fn, (t,), kwargs)
+
+
+def _pos(t: Any) -> Call | None:
+    return _const(kernels.positive_part, t)
+
+
+def _neg(t: Any) -> Call | None:
+    return _const(kernels.negative_part, t)
+
+
 # --------------------------------------------------------------------------- linear-type rules
 @dataclass(frozen=True)
 class Epsilon(Rule):
@@ -63,9 +78,9 @@ class Epsilon(Rule):
             return (Call(kernels.epsilon, (a, z, op.rel, op.params["weight"], _bias(op, self.zero_bias)),
                          {"eps": self.eps, **_geometry(op), **rectified}),)
         if op.kind == "batchnorm":
-            return (Call(kernels.batchnorm_epsilon,
-                         (a, op.out, op.rel, op.params["running_var"], op.params.get("weight")),
-                         {"bn_eps": op.attrs["bn_eps"], "eps": self.eps}),)
+            scale = Call(kernels.batchnorm_scale, (op.params["running_var"], op.params.get("weight")),
+                         {"bn_eps": op.attrs["bn_eps"]})
+            return (Call(kernels.batchnorm_epsilon, (a, op.out, op.rel, scale), {"eps": self.eps}),)
         if op.kind == "avgpool":
             pool = {k: op.attrs[k] for k in ("kernel_size", "stride", "padding", "count_include_pad")}
             if op.attrs.get("ceil_mode") or op.attrs.get("divisor_override") is not None:
@@ -128,8 +143,9 @@ class ZPlus(Rule):
     zero_bias: bool = False
 
     def apply(self, op: Op) -> tuple[Call, ...]:
-        return (Call(kernels.zplus, (op.inputs[0], op.rel, op.params["weight"], _bias(op, self.zero_bias)),
-                     {"eps": self.stabilizer, "nonneg": op.nonneg[0], **_geometry(op)}),)
+        w, nonneg = op.params["weight"], op.nonneg[0]
+        args = (op.inputs[0], op.rel, _pos(w), _pos(_bias(op, self.zero_bias))) + (() if nonneg else (_neg(w),))
+        return (Call(kernels.zplus, args, {"eps": self.stabilizer, "nonneg": nonneg, **_geometry(op)}),)
 
 
 @dataclass(frozen=True)
@@ -150,7 +166,8 @@ class AlphaBeta(Rule):
                                f"beta={self.beta}. Hint: use alpha=2, beta=1 or alpha=1, beta=0.")
 
     def apply(self, op: Op) -> tuple[Call, ...]:
-        return (Call(kernels.alpha_beta, (op.inputs[0], op.rel, op.params["weight"], _bias(op, self.zero_bias)),
+        w, b = op.params["weight"], _bias(op, self.zero_bias)
+        return (Call(kernels.alpha_beta, (op.inputs[0], op.rel, _pos(w), _neg(w), _pos(b), _neg(b)),
                      {"alpha": self.alpha, "beta": self.beta, "eps": self.stabilizer,
                       "nonneg": op.nonneg[0], **_geometry(op)}),)
 
@@ -167,10 +184,19 @@ class Gamma(Rule):
     zero_bias: bool = False
 
     def apply(self, op: Op) -> tuple[Call, ...]:
-        rectified = {"z_rectified": True} if op.attrs.get("z_rectified") else {}
-        return (Call(kernels.gamma, (op.inputs[0], op.out, op.rel, op.params["weight"], _bias(op, self.zero_bias)),
-                     {"gamma": self.gamma, "eps": self.stabilizer, "nonneg": op.nonneg[0], **_geometry(op),
-                      **rectified}),)
+        w, b, g = op.params["weight"], _bias(op, self.zero_bias), self.gamma
+        w_up = _const(kernels.gamma_up, w, gamma=g)
+        hyper = {"gamma": g, "eps": self.stabilizer}
+        if op.nonneg[0] and g > 0:  # one extra convolution p = W+ a + b+ + eps/gamma gives both denominators
+            b_p = Call(kernels.gamma_p_bias, (w, b), {"gamma": g, "eps": self.stabilizer})
+            if op.attrs.get("z_rectified"):
+                return (Call(kernels.gamma, (op.inputs[0], op.out, op.rel, _pos(w), b_p, w_up),
+                             {**hyper, **_geometry(op), "z_rectified": True}),)
+            return (Call(kernels.gamma, (op.inputs[0], op.out, op.rel, _pos(w), b_p, w_up,
+                                         _const(kernels.gamma_down, w, gamma=g)), {**hyper, **_geometry(op)}),)
+        return (Call(kernels.gamma_signed, (op.inputs[0], op.out, op.rel, w_up, _const(kernels.gamma_down, w, gamma=g),
+                                            _const(kernels.gamma_up, b, gamma=g), _const(kernels.gamma_down, b, gamma=g)),
+                     {**hyper, "nonneg": op.nonneg[0], **_geometry(op)}),)
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -210,7 +236,8 @@ class ZBox(Rule):
                     f"{channels} input channel(s) (the default bounds are ImageNet's, for RGB). Hint: bind the "
                     f"first layer with {channels} values, e.g. bindings={{'first_layer': lrpfx.ZBox(mean=..., "
                     "std=...)}}, or scalar low/high.")
-        return (Call(kernels.zbox, (op.inputs[0], op.rel, op.params["weight"]),
+        w = op.params["weight"]
+        return (Call(kernels.zbox, (op.inputs[0], op.rel, w, _pos(w), _neg(w)),
                      {"low": low, "high": high, "eps": self.stabilizer, **_geometry(op)}),)
 
 
@@ -223,7 +250,7 @@ class Flat(Rule):
     stabilizer: float = 1e-6
 
     def apply(self, op: Op) -> tuple[Call, ...]:
-        return (Call(kernels.flat, (op.inputs[0], op.rel, op.params["weight"]),
+        return (Call(kernels.flat, (op.inputs[0], op.rel, _const(kernels.ones_like, op.params["weight"])),
                      {"eps": self.stabilizer, **_geometry(op)}),)
 
 
@@ -237,7 +264,8 @@ class WSquare(Rule):
     zero_bias: bool = False
 
     def apply(self, op: Op) -> tuple[Call, ...]:
-        return (Call(kernels.wsquare, (op.inputs[0], op.rel, op.params["weight"], _bias(op, self.zero_bias)),
+        return (Call(kernels.wsquare, (op.inputs[0], op.rel, _const(kernels.square, op.params["weight"]),
+                                       _const(kernels.square, _bias(op, self.zero_bias))),
                      {"eps": self.stabilizer, **_geometry(op)}),)
 
 
@@ -415,7 +443,7 @@ class FlatPositive(Rule):
     stabilizer: float = 1e-5
 
     def apply(self, op: Op) -> tuple[Call, ...]:
-        return (Call(kernels.flat_positive, (op.inputs[0], op.rel, op.params["weight"]),
+        return (Call(kernels.flat_positive, (op.inputs[0], op.rel, _pos(op.params["weight"])),
                      {"eps": self.stabilizer, **_geometry(op)}),)
 
 
@@ -457,6 +485,14 @@ def _block_tensors(op: Op, *names: str) -> dict[str, Any]:
 _BLOCK_STATIC = ("weights", "skip_weight", "gate", "geometry", "skip_geometry", "skip_pool")
 
 
+def _positive_weights(kw: dict[str, Any]) -> dict[str, Any]:
+    """The block's conv weights replaced by their positive parts (folded at compile time)."""
+    kw["weights"] = [_pos(w) for w in kw["weights"]]
+    if "skip_weight" in kw:
+        kw["skip_weight"] = _pos(kw["skip_weight"])
+    return kw
+
+
 def _needs_folded(rule: Rule, op: Op) -> None:
     if op.block is None or not op.block.folded:
         raise RuleSetError(f"block {op.node}: rule {rule.name!r} works on the block with BatchNorm folded, but "
@@ -493,7 +529,7 @@ class DenseZPlus(Rule):
 
     def apply(self, op: Op) -> tuple[Call, ...]:
         _needs_folded(self, op)
-        kw = _block_tensors(op, "x", "out", "rel", "acts", *_BLOCK_STATIC)
+        kw = _positive_weights(_block_tensors(op, "x", "out", "rel", "acts", *_BLOCK_STATIC))
         return (Call(kernels.block_dense_zplus, (), {**kw, "eps": self.stabilizer, "nonneg": op.nonneg[0]}),)
 
 
@@ -531,8 +567,8 @@ class EccvSplit(Rule):
         return self.split if (op.block is not None and op.block.projection or self.identity_skip) else "main"
 
     def apply(self, op: Op) -> tuple[Call, ...]:
-        kw = _block_tensors(op, "x", "rel", "acts", "h_main", "h_skip", "weights", "skip_weight", "geometry",
-                            "skip_geometry", "skip_pool")
+        kw = _positive_weights(_block_tensors(op, "x", "rel", "acts", "h_main", "h_skip", "weights", "skip_weight",
+                                              "geometry", "skip_geometry", "skip_pool"))
         return (Call(kernels.block_eccv, (), {**kw, "split": self.block_split(op), "eps": self.stabilizer}),)
 
 
