@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import math
 import sys
 import time
@@ -301,7 +302,8 @@ class Evaluation:
 
 def _run_rows(rows: dict[str, Method | MethodOutput], models: Models, x: torch.Tensor, target: torch.Tensor,
               masks: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], batch_size: int, points: int,
-              tie_seeds: tuple[int, ...], bar: Any, progress: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+              tie_seeds: tuple[int, ...], bar: Any, progress: bool,
+              on_row: Any = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     table: dict[str, Any] = {}
     all_maps: dict[str, torch.Tensor] = {}
     n_images = len(x)
@@ -335,13 +337,19 @@ def _run_rows(rows: dict[str, Method | MethodOutput], models: Models, x: torch.T
             bar.update(n_images - sum(len(m) for m in maps))
         if progress:
             bar.write(f"  {name}: {table[name].get('failed', 'done')} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+        if on_row is not None:
+            on_row(table)
     return table, all_maps
 
 
 def evaluate(n_images: int = 200, seed: int = 0, batch_size: int = 50, rise_masks: int = 1000,
              only: list[str] | None = None, progress: bool = True, points: int = 100,
-             model: str = "bundled", target: str = "predicted", tie_seeds: int = 5) -> Evaluation:
+             model: str = "bundled", target: str = "predicted", tie_seeds: int = 5,
+             on_partial: Any = None) -> Evaluation:
     """Run every method on ``n_images`` generated test images and score their maps.
+
+    ``on_partial(result)``, if given, is called after every method with the result so far
+    (``result["partial"]`` is True until the last one), e.g. to write it to disk as it grows.
 
     ``model`` is a shipped model trained on the shapes benchmark: ``"bundled"`` (the
     ResNet-50 layout) or ``"bundled:resnet18_w16"`` (the ResNet-18 layout). ``target``:
@@ -380,25 +388,32 @@ def evaluate(n_images: int = 200, seed: int = 0, batch_size: int = 50, rise_mask
     abn_rows = {k: v for k, v in {ABN_ROWS[0]: _abn, ABN_ROWS[1]: controls[BLOB],
                                   ABN_ROWS[2]: controls["Ground-truth mask"]}.items() if wanted(k)}
     bar = _progress((len(main_rows) + len(abn_rows)) * n_images, not progress)
+    header = {"n_images": n_images, "seed": seed, "model": loaded.name,
+              "model_accuracy_on_these": float((predicted == truth).float().mean()),
+              "target": target, "insertion_deletion_points": points, "tie_seeds": list(seeds),
+              "pointing_tolerance_px": max(1.0, 15 * x.shape[-1] / 224), "rise_masks": rise_masks,
+              "c3_options": {r: c3_options(r) for r in ("mass", "opencv_order")},
+              "error_thresholds": list(THRESHOLDS)}
+    report = None if on_partial is None else (
+        lambda t: on_partial({**header, "partial": True, "methods": t, "abn": None}))
     table, all_maps = _run_rows(main_rows, models, x, explained, masks, loaded.mean, loaded.std, batch_size,
-                                points, seeds, bar, progress)
+                                points, seeds, bar, progress, report)
     abn_info = None
     if abn_rows:
         abn = load_bundled("abn_resnet50_w16")
         with torch.no_grad():
             abn_pred = torch.cat([abn(x[i:i + 100]).argmax(1) for i in range(0, n_images, 100)])
         abn_models = Models(abn, inference_model(abn, x[:8]))
+        abn_accuracy = float((abn_pred == truth).float().mean())
+        abn_report = None if on_partial is None else (lambda t: on_partial(
+            {**header, "partial": True, "methods": table, "abn": {"accuracy_on_these": abn_accuracy, "methods": t}}))
         abn_table, abn_maps = _run_rows(abn_rows, abn_models, x, abn_pred if target == "predicted" else truth,
-                                        masks, loaded.mean, loaded.std, batch_size, points, seeds, bar, progress)
+                                        masks, loaded.mean, loaded.std, batch_size, points, seeds, bar, progress,
+                                        abn_report)
         all_maps.update(abn_maps)
-        abn_info = {"accuracy_on_these": float((abn_pred == truth).float().mean()), "methods": abn_table}
+        abn_info = {"accuracy_on_these": abn_accuracy, "methods": abn_table}
     bar.close()
-    result = {"n_images": n_images, "seed": seed, "model": loaded.name,
-              "model_accuracy_on_these": float((predicted == truth).float().mean()),
-              "target": target, "insertion_deletion_points": points, "tie_seeds": list(seeds),
-              "pointing_tolerance_px": max(1.0, 15 * x.shape[-1] / 224), "rise_masks": rise_masks,
-              "c3_options": {r: c3_options(r) for r in ("mass", "opencv_order")},
-              "error_thresholds": list(THRESHOLDS), "methods": table, "abn": abn_info}
+    result = {**header, "methods": table, "abn": abn_info}
     return Evaluation(result, x, masks, all_maps)
 
 
@@ -479,6 +494,9 @@ def markdown(result: dict[str, Any]) -> str:
     beat the centred Gaussian blob of its block; the ABN block (scored with the ABN model);
     and the IA/OA/WA counts at every threshold of the sweep."""
     lines = _header(result) + _rows(result["methods"], result["methods"].get(BLOB))
+    if result.get("partial"):  # written while the run goes on: the rows so far
+        lines = ["*Partial: the run is still going (or was interrupted); these are the methods done so far.*",
+                 ""] + lines
     abn = result.get("abn")
     if abn and abn.get("methods"):
         lines += ["", f"ABN block (maps scored with the ABN model, {100 * abn['accuracy_on_these']:.1f}% correct "
@@ -502,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lrpfx eval", description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=200, help="test images (default: %(default)s)")
     p.add_argument("--quick", action="store_true",
-                   help="the CI smoke run: 8 images, 100 RISE masks, 20 points, the same columns (about a minute)")
+                   help="a first look: 8 images, 100 RISE masks, 10 points, 2 tie seeds, the same columns and "
+                        "rows (measured: 40-50 s on 2 idle cores; the standard errors are wide)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default="bundled",
                    help="bundled (ResNet-50 layout, default) or bundled:resnet18_w16 (ResNet-18 layout)")
@@ -517,28 +536,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
-    n, masks, points = (8, 100, 20) if args.quick else (args.images, args.rise_masks, args.points)
+    n, masks, points, tie_seeds = ((8, 100, 10, 2) if args.quick else
+                                   (args.images, args.rise_masks, args.points, args.tie_seeds))
     t0 = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "lrpfx eval " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    def write(result: dict[str, Any]) -> None:
+        """results.json and results.md, rewritten after every method: an interrupted run keeps its rows."""
+        result.update(seconds=time.perf_counter() - t0, threads=torch.get_num_threads(), command=command)
+        for name, text in (("results.json", json.dumps(result, indent=1)), ("results.md", markdown(result) + "\n")):
+            tmp = out / f".{name}.tmp"
+            tmp.write_text(text)
+            os.replace(tmp, out / name)
+
     try:
         ev = evaluate(n, args.seed, rise_masks=masks, only=args.only, points=points,
-                      progress=not args.no_progress, model=args.model, target=args.target, tie_seeds=args.tie_seeds)
+                      progress=not args.no_progress, model=args.model, target=args.target, tie_seeds=tie_seeds,
+                      on_partial=write)
     except ValueError as e:
         p.error(str(e))
     result = ev.result
-    result["seconds"] = time.perf_counter() - t0
-    result["threads"] = torch.get_num_threads()
-    result["command"] = "lrpfx eval " + " ".join(argv if argv is not None else sys.argv[1:])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=1))
+    write(result)
     table = markdown(result)
-    (out / "results.md").write_text(table + "\n")
     figure = best_worst_figure(ev, out / "best_worst.png")
     abn = (result.get("abn") or {}).get("accuracy_on_these")
     print(f"{result['model']} ({100 * result['model_accuracy_on_these']:.1f}% correct on these {n} images"
           + (f", ABN {100 * abn:.1f}%" if abn is not None else "")
           + f"; explains the {result['target'].replace('_', ' ')} class; {points} insertion/deletion points, "
-          f"{args.tie_seeds} tie seeds, {masks} RISE masks; {result['seconds']:.0f} s on {result['threads']} threads)")
+          f"{tie_seeds} tie seeds, {masks} RISE masks; {result['seconds']:.0f} s on {result['threads']} threads)")
     print(table)
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}" + (f", {figure}" if figure else ""))
     return 0

@@ -127,6 +127,7 @@ def test_quick_command_writes_table_json_and_figure(tmp_path: Path, capsys: pyte
     import json
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["n_images"] == 8 and not [k for k, r in result["methods"].items() if "failed" in r]
+    assert result["insertion_deletion_points"] == 10 and len(result["tie_seeds"]) == 2 and "partial" not in result
     assert not [k for k, r in result["abn"]["methods"].items() if "failed" in r]
     assert len(result["methods"]) == 18 and len(result["abn"]["methods"]) == 3
     assert 0.9 <= result["abn"]["accuracy_on_these"] <= 1.0
@@ -144,3 +145,18 @@ def test_the_basic_block_model_can_be_evaluated(tmp_path: Path) -> None:
 def test_a_model_not_trained_on_the_benchmark_is_refused() -> None:
     with pytest.raises(SystemExit):
         evaluate.main(["--model", "torchvision:resnet18", "--quick", "--no-progress"])
+
+
+def test_partial_results_are_reported_after_every_method() -> None:
+    """``lrpfx eval`` rewrites results.json/.md after each method: an interrupted run keeps its rows."""
+    seen: list[tuple[bool, list[str], list[str]]] = []
+    ev = evaluate.evaluate(n_images=2, batch_size=2, progress=False, points=5, tie_seeds=1,
+                           only=["Grad-CAM", "Random", "ABN attention"],
+                           on_partial=lambda r: seen.append((r["partial"], list(r["methods"]),
+                                                             list((r["abn"] or {}).get("methods") or []))))
+    main_rows = list(ev.result["methods"])
+    assert len(main_rows) == 3 and all(p for p, _, _ in seen)
+    assert [m for _, m, _ in seen[:3]] == [main_rows[:1], main_rows[:2], main_rows]
+    assert seen[-1][2] == ["ABN attention [ABN model]"] and len(seen) == 4
+    assert "Partial" in evaluate.markdown({**ev.result, "partial": True})
+    assert "Partial" not in evaluate.markdown(ev.result)
