@@ -25,10 +25,10 @@ import torch.nn.functional as F
 
 
 def secant(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """``x * stopgrad(f(x) / x)``, with ratio 0 where x == 0."""
+    """``x * stopgrad(f(x) / x)``, with ratio 0 where x == 0 and f(0) kept there as a constant (sigmoid(0) = 0.5)."""
     y = f(x.clone())  # f may work in place (nn.SiLU(inplace=True))
-    ratio = torch.where(x != 0, y / torch.where(x != 0, x, torch.ones_like(x)), torch.zeros_like(x))
-    return x * ratio.detach()
+    ratio = torch.where(x != 0, y / torch.where(x != 0, x, torch.ones_like(x)), torch.zeros_like(x)).detach()
+    return x * ratio + torch.where(x != 0, torch.zeros_like(y), y).detach()
 
 
 def _std(x: torch.Tensor, dims: tuple[int, ...], eps: float, centered: bool = True) -> torch.Tensor:
