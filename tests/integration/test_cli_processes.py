@@ -125,3 +125,21 @@ def test_two_concurrent_runs_lose_nothing(model, tmp_path: Path) -> None:
     records = _records(out)
     assert len(records) == 20 and all(r["status"] == "ok" for r in records)
     assert not _temporaries(out)
+
+
+def test_readme_demo_command(tmp_path: Path) -> None:
+    """README's first command ends in `.venv/bin/lrpfx demo`: the installed entry point, in a fresh
+    process, names its stages and writes the figure (the install part is what CI itself does)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    command = readme.split("tests/integration/test_cli_processes.py::test_readme_demo_command -->\n```bash\n")[1]
+    command = command.split("\n```")[0].strip()
+    assert command.endswith("&& .venv/bin/lrpfx demo"), command
+    lrpfx_bin = Path(sys.executable).parent / "lrpfx"
+    start = time.perf_counter()
+    proc = subprocess.run([str(lrpfx_bin), "demo"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "compiling the C3-LRP explainer" in proc.stderr and "RISE, 500 masks per image" in proc.stderr
+    assert "Traceback" not in proc.stderr and "warning" not in proc.stderr.lower()
+    assert (tmp_path / "lrpfx-demo" / "comparison.png").stat().st_size > 10_000
+    print(f"lrpfx demo: {seconds:.1f} s")  # -s shows it; the time is measured by hand, not asserted
