@@ -135,11 +135,23 @@ def gamma_down(t: torch.Tensor, *, gamma: float) -> torch.Tensor:
     return t + gamma * t.clamp(max=0)
 
 
+@constant("gamma_p")
+def gamma_p_weight(weight: torch.Tensor, *, gamma: float) -> torch.Tensor:
+    """gamma w+: the weight of the gamma kernel's extra convolution p = gamma (W+ a + b+) + eps."""
+    return gamma * weight.clamp(min=0)
+
+
 @constant("gamma_p_bias")
 def gamma_p_bias(weight: torch.Tensor, bias: torch.Tensor | None, *, gamma: float, eps: float) -> torch.Tensor:
-    """b+ + eps / gamma: the bias of the gamma kernel's extra convolution p = W+ a + b+ + eps / gamma."""
-    b_p = torch.full((weight.shape[0],), eps / gamma, dtype=weight.dtype, device=weight.device)
-    return b_p if bias is None else b_p + bias.clamp(min=0)
+    """gamma b+ + eps: the bias of the gamma kernel's extra convolution p = gamma (W+ a + b+) + eps."""
+    b_p = torch.full((weight.shape[0],), eps, dtype=weight.dtype, device=weight.device)
+    return b_p if bias is None else b_p + gamma * bias.clamp(min=0)
+
+
+@constant("gamma_down_scaled")
+def gamma_down_scaled(weight: torch.Tensor, *, gamma: float) -> torch.Tensor:
+    """(w + gamma w-) / (1 + gamma): the gamma kernel's z < 0 weights, its denominator's factor folded in."""
+    return (weight + gamma * weight.clamp(max=0)) / (1 + gamma)
 
 
 @constant("ones")
@@ -161,9 +173,9 @@ def batchnorm_scale(running_var: torch.Tensor, weight: torch.Tensor | None, *, b
     return scale if weight is None else scale * weight
 
 
-def _half_eps_shift(eps: float, gamma: float, dtype: torch.dtype) -> float:
-    """What to add to a folded eps / gamma where float16/bfloat16 raise the stabilizer (0 otherwise)."""
-    return (effective_eps(eps, dtype) - eps) / gamma
+def _half_eps_shift(eps: float, dtype: torch.dtype) -> float:
+    """What to add to a folded eps where float16/bfloat16 raise the stabilizer (0 otherwise)."""
+    return effective_eps(eps, dtype) - eps
 
 
 # --------------------------------------------------------------------------- linear-type rules
@@ -248,34 +260,51 @@ def alpha_beta(a: torch.Tensor, rel: torch.Tensor, wp: torch.Tensor, wn: torch.T
     return out
 
 
-def gamma(a: torch.Tensor, z: torch.Tensor, rel: torch.Tensor, wp: torch.Tensor, b_p: torch.Tensor,
+def gamma(a: torch.Tensor, z: torch.Tensor, rel: torch.Tensor, w_p: torch.Tensor, b_p: torch.Tensor,
           w_up: torch.Tensor, w_dn: torch.Tensor | None = None, *, gamma: float, eps: float,
           z_rectified: bool = False, stride: Sequence[int] | None = None, padding: Sequence[int] | None = None,
           dilation: Sequence[int] | None = None, groups: int = 1) -> torch.Tensor:
     """Generalized LRP-gamma (Montavon et al., 2019; Andeol et al., 2021) on a non-negative input ``a``.
 
     Outputs with ``z > 0`` propagate through ``w_up = w + gamma w+``, outputs with ``z < 0``
-    through ``w_dn = w + gamma w-``; ``z`` is the layer's real output, reused. One extra
-    convolution p = W+ a + b_p, with ``b_p = b+ + eps/gamma`` (all weights prepared at compile
-    time), gives both stabilized denominators: z_up + eps = z + gamma p and
-    z_dn - eps = (1 + gamma) z - gamma p (the stabilizer's sign is known: z_up >= z > 0 and
-    z_dn <= z < 0 where they are used). ``z_rectified`` (the forward applied its ReLU in place
-    on z, and the relevance is 0 wherever z <= 0) drops the z < 0 branch, whose relevance is
-    0: one transposed convolution, and ``w_dn`` is not needed. Signed inputs: :func:`gamma_signed`.
+    through ``w + gamma w-``; ``z`` is the layer's real output, reused. One extra convolution
+    p = gamma (W+ a + b+) + eps (``w_p = gamma w+``, ``b_p = gamma b+ + eps``, prepared at compile
+    time) gives both stabilized denominators: z_up + eps = z + p and
+    z_dn - eps = (1 + gamma) (z - p / (1 + gamma)) (the stabilizer's sign is known: z_up >= z > 0
+    and z_dn <= z < 0 where they are used); the factor 1 + gamma is folded into
+    ``w_dn = (w + gamma w-) / (1 + gamma)``. ``z_rectified`` (the forward applied its ReLU in place
+    on z, and the relevance is 0 wherever z <= 0) drops the z < 0 branch, whose relevance is 0:
+    one transposed convolution, and ``w_dn`` is not needed. Signed inputs: :func:`gamma_signed`.
+
+    Elementwise work is done in place on the fresh tensors (p, the masked relevances), never on
+    ``z``, ``rel`` or ``a``, which the forward replay may still use; the masks are ReLU/Hardtanh
+    backward kernels (one vectorized pass each, where a comparison and a select take two).
     """
     geo = (stride, padding, dilation, groups)
-    shift = _half_eps_shift(eps, gamma, z.dtype)
+    shift = _half_eps_shift(eps, z.dtype)
     if shift:  # float16/bfloat16 raise the stabilizer: a static branch on the dtype
         b_p = b_p + shift
-    p = _forward(a, wp, b_p, *geo)
+    p = _forward(a, w_p, b_p, *geo)  # fresh
     if z_rectified:
-        s_up = rel / torch.add(z, p, alpha=gamma)
+        s_up = torch.div(rel, p.add_(z), out=p)
         return _transpose(s_up, w_up, a.shape, *geo).mul_(a)
-    assert w_dn is not None, "gamma on an output that is not rectified needs w + gamma w-"
-    zero = rel.new_zeros(())
-    s_up = torch.where(z > 0, rel / torch.add(z, p, alpha=gamma), zero)
-    s_dn = torch.where(z < 0, rel / torch.add(z, p, alpha=-gamma / (1 + gamma)).mul_(1 + gamma), zero)
+    assert w_dn is not None, "gamma on an output that is not rectified needs (w + gamma w-) / (1 + gamma)"
+    # each quotient is masked after the division (a select: 0/0 where a denominator vanishes is dropped)
+    s_up = torch.add(z, p)
+    s_up = _where_positive(torch.div(rel, s_up, out=s_up), z)
+    s_dn = torch.add(z, p, alpha=-1 / (1 + gamma), out=p)
+    s_dn = _where_negative(torch.div(rel, s_dn, out=s_dn), z)
     return _transpose(s_up, w_up, a.shape, *geo).add_(_transpose(s_dn, w_dn, a.shape, *geo)).mul_(a)
+
+
+def _where_positive(t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``t`` where ``z > 0``, else 0, written into ``t`` (ReLU's backward kernel: one vectorized pass)."""
+    return torch.ops.aten.threshold_backward.grad_input(t, z, 0, grad_input=t)
+
+
+def _where_negative(t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``t`` where ``z < 0``, else 0, written into ``t`` (Hardtanh's backward kernel on (-inf, 0))."""
+    return torch.ops.aten.hardtanh_backward.grad_input(t, z, -math.inf, 0.0, grad_input=t)
 
 
 def gamma_signed(a: torch.Tensor, z: torch.Tensor, rel: torch.Tensor, w_up: torch.Tensor, w_dn: torch.Tensor,
@@ -487,8 +516,17 @@ def _route(a: torch.Tensor, idx: torch.Tensor, rel: torch.Tensor) -> torch.Tenso
 
 
 def add_split(u: torch.Tensor, rel: torch.Tensor, *, eps: float) -> torch.Tensor:
-    """The shared factor of the proportional split at ``u = h_1 + h_2``: R_i = h_i * (R / u)."""
-    return rel / stabilize(u, eps)
+    """The shared factor of the proportional split at ``u = h_1 + h_2``: R_i = h_i * (R / stabilize(u)).
+
+    The stabilizer's sign is taken with ``copysign`` (one vectorized pass, then two in place):
+    it differs from sign(0) = +1 only at u = -0.0, which a sum reaches only when every summand
+    is a zero, so every share h_i * factor is 0 either way.
+    """
+    eps = effective_eps(eps, u.dtype)
+    if eps == 0.0:
+        return rel / stabilize(u, eps)
+    den = torch.copysign(u.new_full((), eps), u)  # fresh, u's shape
+    return torch.div(rel, den.add_(u), out=den)
 
 
 def reshape_as(rel: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

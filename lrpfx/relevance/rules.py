@@ -187,13 +187,14 @@ class Gamma(Rule):
         w, b, g = op.params["weight"], _bias(op, self.zero_bias), self.gamma
         w_up = _const(kernels.gamma_up, w, gamma=g)
         hyper = {"gamma": g, "eps": self.stabilizer}
-        if op.nonneg[0] and g > 0:  # one extra convolution p = W+ a + b+ + eps/gamma gives both denominators
-            b_p = Call(kernels.gamma_p_bias, (w, b), {"gamma": g, "eps": self.stabilizer})
+        if op.nonneg[0] and g > 0:  # one extra convolution p = gamma (W+ a + b+) + eps gives both denominators
+            p = (_const(kernels.gamma_p_weight, w, gamma=g),
+                 Call(kernels.gamma_p_bias, (w, b), {"gamma": g, "eps": self.stabilizer}))
             if op.attrs.get("z_rectified"):
-                return (Call(kernels.gamma, (op.inputs[0], op.out, op.rel, _pos(w), b_p, w_up),
+                return (Call(kernels.gamma, (op.inputs[0], op.out, op.rel, *p, w_up),
                              {**hyper, **_geometry(op), "z_rectified": True}),)
-            return (Call(kernels.gamma, (op.inputs[0], op.out, op.rel, _pos(w), b_p, w_up,
-                                         _const(kernels.gamma_down, w, gamma=g)), {**hyper, **_geometry(op)}),)
+            return (Call(kernels.gamma, (op.inputs[0], op.out, op.rel, *p, w_up,
+                                         _const(kernels.gamma_down_scaled, w, gamma=g)), {**hyper, **_geometry(op)}),)
         return (Call(kernels.gamma_signed, (op.inputs[0], op.out, op.rel, w_up, _const(kernels.gamma_down, w, gamma=g),
                                             _const(kernels.gamma_up, b, gamma=g), _const(kernels.gamma_down, b, gamma=g)),
                      {**hyper, "nonneg": op.nonneg[0], **_geometry(op)}),)

@@ -78,7 +78,7 @@ def test_folded_weights_are_buffers_with_readable_names_and_the_model_is_untouch
     explainer = lrpfx.compile(model, "epsilon_gamma_box")
     buffers = dict(explainer.named_buffers())
     w = explainer.get_parameter("4.conv1.weight")
-    assert torch.equal(buffers["4_conv1_weight_pos"], w.clamp(min=0))
+    assert torch.equal(buffers["4_conv1_weight_gamma_p"], 0.25 * w.clamp(min=0))
     assert torch.equal(buffers["4_conv1_weight_gamma_up"], w + 0.25 * w.clamp(min=0))
     assert "self.4_conv1_weight_gamma_up" not in explainer.code  # not a Python name: fx writes getattr
     assert "_weight_gamma_up" in explainer.code and ".clamp(" not in explainer.code

@@ -46,8 +46,9 @@ def reference(rule: str, a: torch.Tensor, m: torch.Tensor, b: torch.Tensor, r: t
         z = (m * a).sum(1) + b
         up = (m + g * mp) * ap + (m + g * mn) * an
         dn = (m + g * mn) * ap + (m + g * mp) * an
-        rp = torch.where(z > 0, r, 0) / stab(up.sum(1) + b + g * b.clamp(min=0))
-        rn = torch.where(z < 0, r, 0) / stab(dn.sum(1) + b + g * b.clamp(max=0))
+        e = kw.get("eps", EPS)
+        rp = torch.where(z > 0, r / stab(up.sum(1) + b + g * b.clamp(min=0), e), 0)
+        rn = torch.where(z < 0, r / stab(dn.sum(1) + b + g * b.clamp(max=0), e), 0)
         return (up * rp[:, None] + dn * rn[:, None]).sum(0)
     if rule == "zbox":
         lo, hi = kw["lo"], kw["hi"]
@@ -301,3 +302,21 @@ def test_rectified_fast_path_matches_matrix_form(name: str, rule: rules.Rule) ->
         else:
             expected = reference(name, a[i].flatten(), m, bb, r[i].flatten(), gamma=0.25)
         assert torch.allclose(ours[i].flatten(), expected, rtol=1e-9, atol=1e-12), rule
+
+
+def test_gamma_gives_nothing_through_outputs_that_are_exactly_zero() -> None:
+    """An output with z == 0 takes neither gamma branch, also where the relevance there is not 0;
+    without a stabilizer its denominators are 0 there too (0 / 0), which must not leak a NaN."""
+    a = torch.rand(3, 6, dtype=torch.float64)
+    w, b = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    w[1], b[1] = 0.0, 0.0  # z[:, 1] == 0 exactly
+    w[2], b[2] = -w[2].abs(), 0.0  # z < 0 everywhere on output 2
+    z = F.linear(a, w, b)
+    r = torch.randn_like(z)
+    for nonneg in (True, False):
+        for eps in (EPS, 0.0):
+            ours = _apply(rules.Gamma(gamma=0.25, stabilizer=eps), "linear", a, z, r, w, b, {}, nonneg=nonneg)
+            assert torch.isfinite(ours).all(), (nonneg, eps)
+            for i in range(3):
+                expected = reference("gamma", a[i], w, b, r[i], gamma=0.25, eps=eps)
+                assert torch.allclose(ours[i], expected, rtol=1e-9, atol=1e-12), (nonneg, eps)
