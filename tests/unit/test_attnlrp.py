@@ -425,3 +425,41 @@ def test_a_product_of_activations_names_the_attnlrp_rule_set_elsewhere() -> None
 
 def test_tiny_transformer_class_is_the_reference_architecture() -> None:
     assert isinstance(tiny_reference_model()[0], TinyTransformer)
+
+
+# --------------------------------------------------------------------------- torchvision's Swin, one block
+@pytest.mark.parametrize("v2", [False, True])
+@pytest.mark.parametrize("size", [8, 6])  # 6: padded to 8; both: shifted
+def test_swin_block_expansion_equals_torchvision_under_lrp0(v2: bool, size: int) -> None:
+    """The expanded ``shifted_window_attention`` against torchvision's own function with its softmax detached."""
+    from torchvision.models import swin_transformer as S
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(17)
+            self.blk = (S.SwinTransformerBlockV2 if v2 else S.SwinTransformerBlock)(8, 2, [4, 4], [2, 2])
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.blk(x).mean((1, 2)))
+    model = Block().double().eval()
+    x = torch.randn(2, size, size, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    target = torch.tensor([0, 2])
+    relevance, logits = lrpfx.compile(model, "lrp0")(x, target)
+    assert torch.allclose(logits, model(x), rtol=1e-12, atol=1e-12)
+    softmax = F.softmax
+    with mock.patch.object(F, "softmax", lambda *a, **k: softmax(*a, **k).detach()):
+        reference = input_x_gradient(linearized_twin(model), x, target)
+    assert rel_err(relevance, reference) < 1e-9
+
+
+def test_swin_windows_are_a_routing_op_with_an_exact_inverse() -> None:
+    from lrpfx.compiler.attention_forms import swin_unwindows, swin_windows
+    for h, w, shift in ((8, 8, [2, 2]), (6, 7, [2, 2]), (4, 4, [2, 2]), (8, 8, [0, 0])):
+        index = torch.arange(1, 2 * h * w * 3 + 1).reshape(2, h, w, 3)  # integers: how the adjoint replays it
+        windows = swin_windows(index, [4, 4], shift)
+        assert windows.shape == (2 * -(-h // 4) * -(-w // 4), 16, 3)
+        assert torch.equal(swin_unwindows(windows, [4, 4], shift, h, w), index)
+        values = windows[windows > 0]  # padding is 0: every element appears exactly once
+        assert torch.equal(values.sort().values, index.flatten())
