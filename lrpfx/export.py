@@ -234,6 +234,32 @@ def _onnx_blockers(program: torch.export.ExportedProgram) -> list[str]:
     return found[:1]
 
 
+def _onnx_failure(e: BaseException, program: torch.export.ExportedProgram) -> str:
+    """One sentence for an ONNX conversion that failed: the op ONNX has no function for, and where."""
+    chain, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(x)) for x in chain)
+    op = re.search(r"op='([\w.]+)', overload='(\w+)'", text)
+    node = re.search(r"Error when translating node %(\w+)", text)
+    what = f"{op.group(1)}.{op.group(2)}" if op else "an op"
+    where = ""
+    if node is not None:
+        n = next((n for n in program.graph.nodes if n.name == node.group(1)), None)
+        lines = [line.strip() for line in (n.meta.get("stack_trace", "") if n is not None else "").splitlines()
+                 if line.strip()]
+        called = re.search(r"^(\w+) = ([\w.]+)\(", lines[-1]) if lines else None
+        where = (f" in {called.group(2)} (the explainer's node {called.group(1)})" if called
+                 else f" (program node {node.group(1)})")
+    first = next((line for x in chain for line in str(x).splitlines() if "No ONNX function" in line), "")
+    reason = re.sub(r"\x1b\[[0-9;]*m|<class '[\w.]+'>: ", "", first).strip() or _first_lines(chain[-1], 1)
+    return (f"cannot convert the explainer to ONNX: ONNX has no function for {what}{where} ({reason}). Hint: "
+            "use export_program (torch.export) for this explainer, or another example size or opset_version; "
+            "an op PyTorch decomposes only at some sizes appears at tiny inputs.")
+
+
 def _first_lines(e: BaseException, n: int = 3) -> str:
     lines = [line for line in str(e).splitlines() if line.strip()]
     return f"{type(e).__name__}: " + " ".join(lines[:n])
@@ -271,8 +297,11 @@ def export_onnx(explainer: fx.GraphModule, path: str | Path, example_input: torc
         program = export_program(explainer, example_input, dynamic_size=False, **options)  # type: ignore[arg-type]
     kwargs = {} if opset_version is None else {"opset_version": opset_version}
     names = ["x", "target"] if target_input else ["x"]
-    onnx_program = torch.onnx.export(program, dynamo=True, input_names=names, output_names=output_names(explainer),
-                                     verbose=False, **kwargs)
+    try:
+        onnx_program = torch.onnx.export(program, dynamo=True, input_names=names,
+                                         output_names=output_names(explainer), verbose=False, **kwargs)
+    except Exception as e:  # torch's exporter: a long message with advice to file an issue; name the op instead
+        raise ExportError(_onnx_failure(e, program)) from e
     assert onnx_program is not None
     onnx_program.save(str(path))
     return path

@@ -212,6 +212,8 @@ def _timm(name: str, pretrained: bool, num_classes: int | None) -> LoadedModel:
     except ImportError:
         raise LoadError("timm is not installed. Hint: pip install timm.") from None
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if not timm.is_model(name):
+        raise LoadError(f"timm has no model {name!r}. Hint: see timm.list_models('*{name[:6]}*').")
     model = timm.create_model(name, pretrained=pretrained, **kwargs)
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     size = int(cfg.get("input_size", (3, 224, 224))[-1])

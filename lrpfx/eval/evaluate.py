@@ -535,6 +535,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="lrpfx-eval", help="directory for results.json, results.md and best_worst.png")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    for flag, value, low in (("--images", args.images, 1), ("--rise-masks", args.rise_masks, 1),
+                             ("--points", args.points, 1), ("--tie-seeds", args.tie_seeds, 1)):
+        if value < low:
+            p.error(f"{flag} {value}: must be >= {low}")
     torch.manual_seed(args.seed)
     n, masks, points, tie_seeds = ((8, 100, 10, 2) if args.quick else
                                    (args.images, args.rise_masks, args.points, args.tie_seeds))

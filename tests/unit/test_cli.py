@@ -56,6 +56,8 @@ def test_explain_target_and_rules(images: Path, weights: Path, tmp_path: Path) -
     (["explain", "{images}", "--model", "keras:resnet"], "unknown model spec 'keras:resnet'"),
     (["explain", "{images}", "--model", "torchvision:resnet18", "--rules", "nope"], "unknown rule set 'nope'"),
     (["inspect", "torchvision:resnet18", "--weights", "missing.pt"], "weights file 'missing.pt' does not exist"),
+    (["inspect", "timm:no_such_net"], "timm has no model 'no_such_net'"),
+    (["demo", "--images", "0"], "--images 0: must be >= 1"),
 ])
 def test_user_errors_are_one_line_with_exit_code_2(images: Path, capsys: pytest.CaptureFixture, argv: list[str],
                                                    message: str) -> None:
@@ -181,3 +183,19 @@ def test_unexpected_errors_and_warnings_are_one_line(monkeypatch: pytest.MonkeyP
                    "is right, please report it."]
     with pytest.raises(KeyError):  # --debug anywhere on the line: the traceback
         cli.main(["inspect", "bundled", "--debug"])
+
+
+def test_an_onnx_conversion_failure_names_the_op() -> None:
+    """torch's exporter fails with pages of advice; the one line names the op ONNX lacks."""
+    import torch.fx as fx
+    from lrpfx.export import _onnx_failure
+    inner = RuntimeError("No ONNX function found for <OpOverload(op='prims.signbit', overload='default')>. "
+                         "Failure message: No decompositions registered for the real-valued input")
+    middle = RuntimeError("Error when translating node %signbit : [num_users=1] = call_function[...]")
+    outer = RuntimeError("Failed to convert the exported program to an ONNX model. \x1b[96mThis is step 3/3\x1b[0m "
+                         "... Create an issue in the PyTorch GitHub repository")
+    middle.__cause__, outer.__cause__ = inner, middle
+    program = type("P", (), {"graph": fx.Graph()})()
+    message = _onnx_failure(outer, program)
+    assert message.startswith("cannot convert the explainer to ONNX: ONNX has no function for prims.signbit.default")
+    assert "\x1b" not in message and "GitHub" not in message and "Hint: use export_program" in message
