@@ -237,9 +237,9 @@ class ZBox(Rule):
                     f"{channels} input channel(s) (the default bounds are ImageNet's, for RGB). Hint: bind the "
                     f"first layer with {channels} values, e.g. bindings={{'first_layer': lrpfx.ZBox(mean=..., "
                     "std=...)}}, or scalar low/high.")
-        w = op.params["weight"]
-        return (Call(kernels.zbox, (op.inputs[0], op.rel, w, _pos(w), _neg(w)),
-                     {"low": low, "high": high, "eps": self.stabilizer, **_geometry(op)}),)
+        w, geo = op.params["weight"], _geometry(op)
+        w_box = Call(kernels.box_weight, (w,), {"low": low, "high": high, "groups": geo.get("groups", 1)})
+        return (Call(kernels.zbox, (op.inputs[0], op.rel, w, w_box), {"eps": self.stabilizer, **geo}),)
 
 
 @dataclass(frozen=True)

@@ -320,3 +320,31 @@ def test_gamma_gives_nothing_through_outputs_that_are_exactly_zero() -> None:
             for i in range(3):
                 expected = reference("gamma", a[i], w, b, r[i], gamma=0.25, eps=eps)
                 assert torch.allclose(ours[i], expected, rtol=1e-9, atol=1e-12), (nonneg, eps)
+
+
+def _zbox_three_terms(a, r, w, low, high, geo, eps=EPS):
+    """z^B with its three terms written out (three convolutions of full-batch bound maps and their
+    transposes by autograd's conv2d_input): the form the one-weight rewrite must reproduce."""
+    lo = torch.tensor(low, dtype=a.dtype).view(1, -1, 1, 1).expand_as(a)
+    hi = torch.tensor(high, dtype=a.dtype).view(1, -1, 1, 1).expand_as(a)
+    wp, wn = w.clamp(min=0), w.clamp(max=0)
+    z = F.conv2d(a, w, None, **geo) - F.conv2d(lo, wp, None, **geo) - F.conv2d(hi, wn, None, **geo)
+    s = r / stab(z, eps)
+    t = lambda v: torch.nn.grad.conv2d_input(a.shape, v, s, **geo)  # noqa: E731
+    return a * t(w) - lo * t(wp) - hi * t(wn)
+
+
+@pytest.mark.parametrize("geo", CONVS, ids=["plain", "stride2pad1", "dilated", "groups2"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_zbox_one_weight_rewrite_equals_the_three_term_form(geo: dict, dtype: torch.dtype) -> None:
+    """One batch-1 convolution for the bounds and one transposed layer of [W, W_box] (METHOD_SPEC's
+    z^B): equal to the three-term form to 1e-12 in float64 and 1e-6 in float32 (relative)."""
+    cin = 4
+    low, high = (-2.1, -2.0, -1.8, -1.5), (2.2, 2.4, 2.6, 1.9)
+    a = (torch.rand(3, cin, 9, 8, dtype=torch.float64) * 4 - 2).to(dtype)
+    w = torch.randn(6, cin // geo["groups"], 3, 3, dtype=torch.float64).to(dtype)
+    r = torch.randn_like(F.conv2d(a, w, None, **geo))
+    ours = _apply(rules.ZBox(low=low, high=high, stabilizer=EPS), "conv", a, None, r, w, None, geo)
+    expected = _zbox_three_terms(a.double(), r.double(), w.double(), low, high, geo)
+    err = ((ours.double() - expected).abs().max() / expected.abs().max()).item()
+    assert err < (1e-12 if dtype == torch.float64 else 1e-6), err
