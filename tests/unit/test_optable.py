@@ -287,12 +287,14 @@ def test_bindings_by_module_type() -> None:
     assert ((relevance - reference).norm() / reference.norm()).item() < 1e-6
 
 
-def test_swin_window_attention_is_refused_with_its_reason() -> None:
+def test_swin_window_attention_is_expanded() -> None:
+    """Swin's fx-opaque ``shifted_window_attention`` has a registered expansion (issue #21; its exactness is
+    tested in tests/unit/test_attnlrp.py): the windows become routing ops, the softmax is held."""
     torchvision = pytest.importorskip("torchvision")
-    model = torchvision.models.swin_t(weights=None).eval()
-    with pytest.raises(lrpfx.UnmatchedNodeError, match=r"(?s)shifted_window_attention.*not in the op table.*"
-                                                       r"register_op\("):
-        lrpfx.compile(model, "lrp0")
+    plan = lrpfx.inspect(torchvision.models.swin_t(weights=None).eval(), "lrp0")
+    assert not plan.unmatched
+    ops = {r[1] for r in plan.rows()}
+    assert {"swin_windows", "swin_unwindows"} <= ops and "shifted_window_attention" not in ops
 
 
 def test_a_pass_that_leaves_an_uncanonical_node_fails_loudly() -> None:
