@@ -18,6 +18,37 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ.setdefault("LRPFX_HYPOTHESIS_PROFILE", "fast")
 
 
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _resident_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE / 2**20
+    except OSError:  # not Linux: no check
+        return 0.0
+
+
+@pytest.fixture(autouse=True)
+def _bounded_memory():
+    """Keep one pytest process under ~2 GB resident between tests.
+
+    A compiled explainer is a reference cycle (an fx GraphModule and its graph point at each
+    other), freed only by Python's cyclic collector, which counts objects, not bytes: without
+    this, the fast suite's one process grew past 3 GB. When a test leaves more than 1.5 GB
+    resident, collect and hand the freed memory back to the system (glibc's ``malloc_trim``).
+    """
+    yield
+    if _resident_mb() > 1500:
+        import ctypes
+        import gc
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
+
+
 def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Give every BatchNorm non-trivial running statistics and affine parameters (no weights here)."""
     g = torch.Generator().manual_seed(seed)
