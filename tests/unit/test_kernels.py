@@ -348,3 +348,16 @@ def test_zbox_one_weight_rewrite_equals_the_three_term_form(geo: dict, dtype: to
     expected = _zbox_three_terms(a.double(), r.double(), w.double(), low, high, geo)
     err = ((ours.double() - expected).abs().max() / expected.abs().max()).item()
     assert err < (1e-12 if dtype == torch.float64 else 1e-6), err
+
+
+@pytest.mark.parametrize("size", [(8, 8), (9, 7)])
+@pytest.mark.parametrize("stride,groups", [((2, 2), 1), ((3, 2), 1), ((2, 2), 2)])
+def test_strided_pointwise_transpose_is_the_vjp(size: tuple, stride: tuple, groups: int) -> None:
+    """A 1x1 strided convolution's transpose (computed at low resolution and scattered) is its VJP."""
+    a = torch.randn(2, 4, *size, dtype=torch.float64)
+    w = torch.randn(6, 4 // groups, 1, 1, dtype=torch.float64)
+    geo = dict(stride=stride, padding=(0, 0), dilation=(1, 1), groups=groups)
+    s = torch.randn_like(F.conv2d(a, w, None, **geo))
+    from lrpfx.relevance import kernels
+    ours = kernels._transpose(s, w, a.shape, geo["stride"], geo["padding"], geo["dilation"], groups)
+    assert torch.allclose(ours, torch.nn.grad.conv2d_input(a.shape, w, s, **geo), rtol=1e-12, atol=1e-14)
