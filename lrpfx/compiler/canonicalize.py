@@ -719,6 +719,37 @@ def _inline(gm: fx.GraphModule, node: fx.Node, body: Callable[..., Any], args: l
     gm.graph.erase_node(node)
 
 
+def expand_timm_masks(gm: fx.GraphModule) -> None:
+    """timm's fx-wrapped mask helpers of its explicit attention path -> plain ops: ``maybe_add_mask(s, m)`` is
+    ``s`` (no mask) or ``s + m``; ``resolve_self_attn_mask`` is None (no mask) or the additive SDPA mask of
+    :func:`~lrpfx.compiler.attention_forms.sdpa_mask` (a boolean mask, ``is_causal``)."""
+    timm_attention = sys.modules.get("timm.layers.attention")
+    resolve = getattr(timm_attention, "resolve_self_attn_mask", None)
+    add_mask = getattr(timm_attention, "maybe_add_mask", None)
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not resolve or resolve is None:
+            continue
+        b = _bind(node, ("seq_len", "attn", "attn_mask", "is_causal"))
+        if isinstance(b["is_causal"], fx.Node):
+            continue  # decided at run time: left for the unmatched report
+        if b["attn_mask"] is None and not b["is_causal"]:
+            for user in list(node.users):
+                user.args = fx.node.map_arg(user.args, lambda a: None if a is node else a)
+                user.kwargs = fx.node.map_arg(user.kwargs, lambda a: None if a is node else a)
+            gm.graph.erase_node(node)
+            continue
+        _replace(gm, node, attention_forms.sdpa_mask, (b["attn_mask"], bool(b["is_causal"]), b["seq_len"],
+                                                       b["seq_len"]))
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is add_mask and add_mask is not None:
+            b = _bind(node, ("scores", "attn_mask"))
+            if b["attn_mask"] is None:
+                node.replace_all_uses_with(b["scores"])
+                gm.graph.erase_node(node)
+            else:
+                _replace(gm, node, operator.add, (b["scores"], b["attn_mask"]))
+
+
 def expand_multihead_attention(gm: fx.GraphModule) -> None:
     """``nn.MultiheadAttention`` -> its explicit ops: in-projections as ``nn.Linear`` submodules, heads,
     ``softmax(q @ k^T / sqrt(d) + mask) @ v``, the module's own ``out_proj``.
@@ -830,7 +861,7 @@ def out_of_place_activations(gm: fx.GraphModule) -> None:
 PASSES: tuple[Callable[[fx.GraphModule], None], ...] = (
     expand_swin_attention, fold_constants, functional_layers_to_modules, drop_dropout_identity,
     expand_multihead_attention,
-    expand_attention, unify_routing_modules,
+    expand_attention, expand_timm_masks, unify_routing_modules,
     out_of_place_activations, unify_relu, unify_clamp, unify_gate_functions, unify_split, unify_arithmetic, unify_mul, unify_cat, unify_add,
     unify_reshape, spatial_mean_to_pool, fold_batchnorm,
 )

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import inspect
+import operator
 from collections.abc import Hashable, Iterable
 
 import torch
@@ -55,8 +57,9 @@ def trace(model: torch.nn.Module, leaf_modules: Iterable[LeafSpec] = (), output:
             "function (BatchNorm running statistics, no dropout). Hint: call model.eval() before lrpfx.compile.")
     model = copy.deepcopy(model)
     tracer = _LeafTracer(leaf_modules)
+    optional = _optional_arguments(model)
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=optional or None)
     except Exception as e:  # fx raises TraceError, TypeError, NotImplementedError, ...
         inside = _failing_module(tracer)
         where = f" (inside {inside[0]!r}, a {inside[1]})" if inside else ""
@@ -65,10 +68,41 @@ def trace(model: torch.nn.Module, leaf_modules: Iterable[LeafSpec] = (), output:
             f"torch.fx could not trace {type(model).__name__}{where}: {type(e).__name__}: {e}. Hint: data-dependent "
             "control flow cannot be traced; mark the submodule that contains it as a leaf "
             f"(lrpfx.compile(model, leaf_modules=[{leaf}])) and register a rule for it.") from e
+    _drop_specialized(graph, len(optional))
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     if output is not None:
         select_output(gm, output)
     return gm
+
+
+def _optional_arguments(model: torch.nn.Module) -> dict[str, object]:
+    """The forward's arguments after the first that have a default (timm's ViT: ``attn_mask=None``,
+    ``is_causal=False``): traced at their defaults, so that the explainer takes the image alone."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    plain = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name: p.default for p in params[1:] if p.kind in plain and p.default is not inspect.Parameter.empty}
+
+
+_ASSERTS = {fx._symbolic_trace._assert_is_none, torch._assert, operator.eq}
+
+
+def _drop_specialized(graph: fx.Graph, count: int) -> None:
+    """Remove the placeholders of arguments traced at their defaults and fx's checks of them."""
+    if not count:
+        return
+    for ph in [n for n in graph.nodes if n.op == "placeholder"][1:]:
+        checks, stack = [], list(ph.users)
+        while stack:
+            n = stack.pop()
+            checks.append(n)
+            stack.extend(n.users)
+        if all(n.op == "call_function" and n.target in _ASSERTS for n in checks):
+            for n in reversed(sorted(set(checks), key=lambda n: list(graph.nodes).index(n))):
+                graph.erase_node(n)
+            graph.erase_node(ph)
 
 
 def _failing_module(tracer: fx.Tracer) -> tuple[str, str] | None:

@@ -463,3 +463,37 @@ def test_swin_windows_are_a_routing_op_with_an_exact_inverse() -> None:
         assert torch.equal(swin_unwindows(windows, [4, 4], shift, h, w), index)
         values = windows[windows > 0]  # padding is 0: every element appears exactly once
         assert torch.equal(values.sort().values, index.flatten())
+
+
+# --------------------------------------------------------------------------- timm's ViT, both of its attention paths
+@contextmanager
+def linearized_norms_and_activations() -> Iterator[None]:
+    """LayerNorm stds detached, GELU as x * stopgrad(gelu(x) / x): torch's functions patched."""
+    from lrpfx.eval import twin
+    layer_norm, gelu = F.layer_norm, F.gelu
+    with mock.patch.object(F, "layer_norm", lambda x, s, w=None, b=None, eps=1e-5: twin.layer_norm(x, s, w, b, eps)), \
+         mock.patch.object(F, "gelu", lambda x, approximate="none": twin.secant(lambda t: gelu(t, approximate=approximate), x)):
+        yield
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_timm_vit_with_optional_forward_arguments_equals_the_oracles(fused: bool) -> None:
+    """timm's ViT: ``forward(x, attn_mask=None, is_causal=False)`` is traced at its defaults; its attention
+    is ``F.scaled_dot_product_attention`` (fused) or ``q * scale @ k^T, softmax, dropout, @ v`` (not fused)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(19)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=32, depth=2)
+    model = model.double().eval()
+    oracle_model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=32, depth=2)
+    oracle_model.load_state_dict(model.state_dict())
+    oracle_model = oracle_model.double().eval()
+    for blk in model.blocks:
+        blk.attn.fused_attn = fused
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    target = torch.tensor([1, 3])
+    relevance, logits = lrpfx.compile(model, "attnlrp", bindings=NO_EPS)(x, target)
+    cp = lrpfx.compile(model, "lrp0")(x, target)[0]
+    assert torch.allclose(logits, model(x), rtol=1e-10, atol=1e-12)
+    with linearized_norms_and_activations():
+        assert rel_err(relevance, oracle(oracle_model, x, target, attnlrp_sdpa)) < 1e-8
+        assert rel_err(cp, oracle(oracle_model, x, target, cplrp_sdpa)) < 1e-8
