@@ -304,24 +304,38 @@ def gamma(a: torch.Tensor, z: torch.Tensor, rel: torch.Tensor, w_p: torch.Tensor
         b_p = b_p + shift
     p = _forward(a, w_p, b_p, *geo)  # fresh
     if z_rectified:
-        s_up = torch.div(rel, p.add_(z), out=p)
+        s_up = _div_into(rel, p.add_(z))
         return _transpose(s_up, w_up, a.shape, *geo).mul_(a)
     assert w_dn is not None, "gamma on an output that is not rectified needs (w + gamma w-) / (1 + gamma)"
     # each quotient is masked after the division (a select: 0/0 where a denominator vanishes is dropped)
     s_up = torch.add(z, p)
-    s_up = _where_positive(torch.div(rel, s_up, out=s_up), z)
-    s_dn = torch.add(z, p, alpha=-1 / (1 + gamma), out=p)
-    s_dn = _where_negative(torch.div(rel, s_dn, out=s_dn), z)
+    s_up = _where_positive(_div_into(rel, s_up), z)
+    s_dn = torch.add(z, p, alpha=-1 / (1 + gamma), **({} if _autograd(p, z) else {"out": p}))
+    s_dn = _where_negative(_div_into(rel, s_dn), z)
     return _transpose(s_up, w_up, a.shape, *geo).add_(_transpose(s_dn, w_dn, a.shape, *geo)).mul_(a)
+
+
+def _autograd(*ts: torch.Tensor) -> bool:
+    """Whether autograd records ops on ``ts`` (then ``out=`` forms, which it refuses, are not used)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+
+
+def _div_into(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den, written into ``den`` (a fresh tensor of the result's shape)."""
+    return num / den if _autograd(num, den) else torch.div(num, den, out=den)
 
 
 def _where_positive(t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """``t`` where ``z > 0``, else 0, written into ``t`` (ReLU's backward kernel: one vectorized pass)."""
+    if _autograd(t, z):
+        return torch.ops.aten.threshold_backward(t, z, 0)
     return torch.ops.aten.threshold_backward.grad_input(t, z, 0, grad_input=t)
 
 
 def _where_negative(t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """``t`` where ``z < 0``, else 0, written into ``t`` (Hardtanh's backward kernel on (-inf, 0))."""
+    if _autograd(t, z):
+        return torch.ops.aten.hardtanh_backward(t, z, -math.inf, 0.0)
     return torch.ops.aten.hardtanh_backward.grad_input(t, z, -math.inf, 0.0, grad_input=t)
 
 
@@ -557,6 +571,8 @@ def add_split(u: torch.Tensor, rel: torch.Tensor, *, eps: float) -> torch.Tensor
     if eps == 0.0:
         return rel / stabilize(u, eps)
     den = torch.copysign(u.new_full((), eps), u)  # fresh, u's shape
+    if _autograd(rel, u):  # copysign's backward reads its output: no in-place update of it
+        return rel / (den + u)
     return torch.div(rel, den.add_(u), out=den)
 
 

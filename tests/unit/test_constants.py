@@ -99,3 +99,18 @@ def test_buffers_follow_to_and_half_precision_matches_a_half_compile(dtype: torc
     a, b = moved(x.to(dtype))[0].float(), direct(x.to(dtype))[0].float()
     assert torch.isfinite(a).all()
     assert ((a - b).norm() / b.norm()).item() < 0.05  # the folded weights rounded once vs transformed in dtype
+
+
+@pytest.mark.parametrize("rules", ["epsilon_gamma_box", "epsilon_plus_flat"])
+def test_in_place_kernels_leave_autograd_working(rules: str) -> None:
+    """The kernels write into fresh tensors with out=, which autograd refuses; with an input that
+    requires grad they take the out-of-place forms, and the map is the same."""
+    explainer = lrpfx.compile(small_net(), rules)
+    x = torch.rand(2, 3, 13, 13)
+    with torch.no_grad():
+        plain = explainer(x)[0]
+    xg = x.clone().requires_grad_(True)
+    tracked = explainer(xg)[0]
+    assert tracked.requires_grad and torch.allclose(tracked, plain, rtol=1e-6, atol=1e-9)
+    tracked.sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
