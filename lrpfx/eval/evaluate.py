@@ -12,6 +12,13 @@ at a sweep of thresholds; and, for the LRP methods, conservation. The C3 stage i
 for like ("+ C3" rows for LRP, Grad-CAM and Input x Gradient; both rankings for C3-LRP), beside
 content-free controls (a random map, a centred Gaussian blob), the binary C3 mask alone and
 the ground-truth mask. ABN's attention is scored with the ABN model, in its own block.
+
+The rows depend on the model (``methods``): the ResNets get the list above; the ViT
+(``bundled:vit_w64``) gets CP-LRP (``lrp0``, ``epsilon_plus_flat``: softmax held constant)
+against AttnLRP (``attnlrp``, ``attnlrp_gamma``), Grad-CAM on the last block's ``ln_1`` token
+grid (pytorch-grad-cam's ViT recipe), Score-CAM likewise, Input x Gradient, Integrated
+Gradients, RISE and the same controls; the rows that do not apply to it are listed, with the
+reason, under ``skipped`` in results.json and below the table.
 """
 from __future__ import annotations
 
@@ -137,7 +144,21 @@ def explainer_top(rules: str) -> str:
     return lrpfx.RuleSet.ensure(rules).top
 
 
-def _cam(kind: str) -> Method:
+def _resnet_cam_layer(model: nn.Module) -> tuple[nn.Module, Callable | None]:
+    return model.layer4[-1], None
+
+
+def _vit_cam_layer(model: nn.Module) -> tuple[nn.Module, Callable | None]:
+    """pytorch-grad-cam's ViT recipe: the last block's first LayerNorm, its patch tokens (class
+    token dropped) reshaped to the (N, D, H/p, W/p) grid, for torchvision's ``VisionTransformer``."""
+    side = model.image_size // model.patch_size
+
+    def reshape(t: torch.Tensor) -> torch.Tensor:
+        return t[:, 1:, :].reshape(t.size(0), side, side, t.size(2)).permute(0, 3, 1, 2)
+    return model.encoder.layers[-1].ln_1, reshape
+
+
+def _cam(kind: str, layer: Callable[[nn.Module], tuple[nn.Module, Callable | None]] = _resnet_cam_layer) -> Method:
     def run(models: Models, x: torch.Tensor, target: torch.Tensor) -> MethodOutput:
         from types import SimpleNamespace
         from unittest import mock
@@ -147,7 +168,8 @@ def _cam(kind: str) -> Method:
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
         cls = {"gradcam": pgc.GradCAM, "scorecam": pgc.ScoreCAM}[kind]
         model = models.model
-        with cls(model=model, target_layers=[model.layer4[-1]]) as cam, \
+        target_layer, reshape = layer(model)
+        with cls(model=model, target_layers=[target_layer], reshape_transform=reshape) as cam, \
                 mock.patch.object(score_cam, "tqdm", SimpleNamespace(tqdm=lambda it, *a, **k: it)):
             if kind == "scorecam":
                 # the activations come from the hooked model; the C masked inputs per image
@@ -196,9 +218,44 @@ BLOB = "Centred Gaussian blob (content-free)"
 CONTROLS = ("C3 mask alone (binary, rank=mass)", "Ground-truth mask", "Random map", BLOB)
 
 
-def methods(n_masks: int) -> dict[str, Method]:
-    """The compared methods of the main block (the ResNet), in table order; the controls
-    that need the images' masks are added by ``evaluate``."""
+def model_family(model: nn.Module) -> str:
+    """``"vit"`` for torchvision's ``VisionTransformer`` (the bundled ``vit_w64``), else ``"resnet"``."""
+    from torchvision.models.vision_transformer import VisionTransformer
+    return "vit" if isinstance(model, VisionTransformer) else "resnet"
+
+
+ATTNLRP = "AttnLRP (attnlrp)"
+VIT_SKIPPED = {
+    "C3-LRP, ECCV 2024 and every + C3 row": "the ECCV 2024 / C3 rows are the ResNet study; the ViT block compares "
+                                             "the attention rules (CP-LRP vs AttnLRP)",
+    "Guided Backprop": "a ViT has no ReLU (GELU), so Guided Backprop is the plain gradient",
+    "ABN block": "ABN is a ResNet with an attention branch; it has no ViT counterpart",
+}
+"""The ResNet rows that the ViT block leaves out, with the reason (written to the output)."""
+
+
+def vit_methods(n_masks: int) -> dict[str, Method]:
+    """The rows of the ViT block: CP-LRP (every rule set but attnlrp holds the softmax constant)
+    against AttnLRP, beside the gradient, CAM and perturbation baselines."""
+    return {
+        "CP-LRP-0 (lrp0)": _lrp("lrp0"),
+        "CP-LRP eps+flat (epsilon_plus_flat)": _lrp("epsilon_plus_flat"),
+        ATTNLRP: _lrp("attnlrp"),
+        "AttnLRP gamma (attnlrp_gamma)": _lrp("attnlrp_gamma"),
+        "Grad-CAM": _cam("gradcam", _vit_cam_layer),
+        "Score-CAM": _cam("scorecam", _vit_cam_layer),
+        "Input x Gradient": _captum("ixg"),
+        "Integrated Gradients": _captum("ig"),
+        f"RISE ({n_masks} masks)": _rise(n_masks),
+    }
+
+
+def methods(n_masks: int, family: str = "resnet") -> dict[str, Method]:
+    """The compared methods of the main block, in table order, for the model ``family``
+    (``model_family``: the ResNets' list, or ``vit_methods``); the controls that need the
+    images' masks are added by ``evaluate``."""
+    if family == "vit":
+        return vit_methods(n_masks)
     lrp = _lrp("epsilon_plus_flat")
     return {
         C3_DEFAULT: _plus_c3(_lrp("c3_lrp"), "mass"),
@@ -352,7 +409,8 @@ def evaluate(n_images: int = 200, seed: int = 0, batch_size: int = 50, rise_mask
     (``result["partial"]`` is True until the last one), e.g. to write it to disk as it grows.
 
     ``model`` is a shipped model trained on the shapes benchmark: ``"bundled"`` (the
-    ResNet-50 layout) or ``"bundled:resnet18_w16"`` (the ResNet-18 layout). ``target``:
+    ResNet-50 layout), ``"bundled:resnet18_w16"`` (the ResNet-18 layout) or
+    ``"bundled:vit_w64"`` (the ViT layout: its own rows, ``vit_methods``, no ABN block). ``target``:
     ``"predicted"`` (default; every method explains the model's predicted class, as the ECCV
     code does) or ``"ground_truth"``. ``tie_seeds``: seeds of the tie-robust insertion/deletion.
     The ABN attention runs in its own block, scored with the ABN model (its own prediction).
@@ -362,7 +420,7 @@ def evaluate(n_images: int = 200, seed: int = 0, batch_size: int = 50, rise_mask
     from lrpfx.eval.models import load_bundled
     if not (model == "bundled" or model.startswith("bundled:")) or "abn" in model:
         raise ValueError(f"model={model!r}: the evaluation needs a classifier trained on the shapes benchmark. "
-                         "Hint: use 'bundled' or 'bundled:resnet18_w16'.")
+                         "Hint: use 'bundled', 'bundled:resnet18_w16' or 'bundled:vit_w64'.")
     if target not in ("predicted", "ground_truth"):
         raise ValueError(f"target={target!r}. Hint: use 'predicted' or 'ground_truth'.")
     loaded = load_model(model)
@@ -384,9 +442,10 @@ def evaluate(n_images: int = 200, seed: int = 0, batch_size: int = 50, rise_mask
         "Random map": MethodOutput(torch.rand(shape, generator=torch.Generator().manual_seed(seed))),
         BLOB: MethodOutput(gaussian_blob(shape[0], shape[1:])),
     }
-    main_rows = {k: v for k, v in {**methods(rise_masks), **controls}.items() if wanted(k)}
+    family = model_family(net)
+    main_rows = {k: v for k, v in {**methods(rise_masks, family), **controls}.items() if wanted(k)}
     abn_rows = {k: v for k, v in {ABN_ROWS[0]: _abn, ABN_ROWS[1]: controls[BLOB],
-                                  ABN_ROWS[2]: controls["Ground-truth mask"]}.items() if wanted(k)}
+                                  ABN_ROWS[2]: controls["Ground-truth mask"]}.items() if wanted(k) and family == "resnet"}
     bar = _progress((len(main_rows) + len(abn_rows)) * n_images, not progress)
     header = {"n_images": n_images, "seed": seed, "model": loaded.name,
               "model_accuracy_on_these": float((predicted == truth).float().mean()),
@@ -394,6 +453,8 @@ def evaluate(n_images: int = 200, seed: int = 0, batch_size: int = 50, rise_mask
               "pointing_tolerance_px": max(1.0, 15 * x.shape[-1] / 224), "rise_masks": rise_masks,
               "c3_options": {r: c3_options(r) for r in ("mass", "opencv_order")},
               "error_thresholds": list(THRESHOLDS)}
+    if family == "vit":
+        header["skipped"] = dict(VIT_SKIPPED)
     report = None if on_partial is None else (
         lambda t: on_partial({**header, "partial": True, "methods": t, "abn": None}))
     table, all_maps = _run_rows(main_rows, models, x, explained, masks, loaded.mean, loaded.std, batch_size,
@@ -420,13 +481,17 @@ def evaluate(n_images: int = 200, seed: int = 0, batch_size: int = 50, rise_mask
 FIGURE_METHOD = C3_DEFAULT
 
 
-def best_worst_figure(ev: Evaluation, path: str | Path, k: int = 3, key: str = FIGURE_METHOD) -> Path | None:
-    """The poster-style figure: the ``k`` images where ``key`` (C3-LRP) has its best and its
-    worst ID score, each row beside every other method's map and the ground-truth mask.
+def best_worst_figure(ev: Evaluation, path: str | Path, k: int = 3, key: str | None = None) -> Path | None:
+    """The poster-style figure: the ``k`` images where ``key`` (default: C3-LRP, or AttnLRP for
+    the ViT) has its best and its worst ID score, each row beside every other method's map and
+    the ground-truth mask.
 
-    Row titles give C3-LRP's ID score and its IA/OA/WA label. Returns None when ``key`` did
+    Row titles give ``key``'s ID score and its IA/OA/WA label. Returns None when ``key`` did
     not run (``--only`` without it) or matplotlib is missing.
     """
+    if key is None:
+        key = ATTNLRP if FIGURE_METHOD not in ev.result["methods"] and ATTNLRP in ev.result["methods"] else FIGURE_METHOD
+    label = "C3-LRP" if key == FIGURE_METHOD else key.split(" (")[0]
     row = ev.result["methods"].get(key, {})
     if "per_image_ID" not in row:
         return None
@@ -440,10 +505,10 @@ def best_worst_figure(ev: Evaluation, path: str | Path, k: int = 3, key: str = F
         labels = row["per_image_error"]
         titles = [f"{'best' if j < k else 'worst'}: ID {100 * ids[i]:.0f}, {labels[i]}" for j, i in enumerate(picks)]
         columns = {"object mask": ev.masks[picks].float()}
-        columns.update({name.split(" (")[0] if name != key else "C3-LRP": m[picks] for name, m in ev.maps.items()
+        columns.update({name.split(" (")[0] if name != key else label: m[picks] for name, m in ev.maps.items()
                         if name not in CONTROLS and name not in ABN_ROWS[1:]})
         return comparison_grid(ev.images[picks], columns, path, mean=MEAN, std=STD, row_titles=titles,
-                               title="C3-LRP's best and worst ID scores beside the other methods", cell_inches=1.4)
+                               title=f"{label}'s best and worst ID scores beside the other methods", cell_inches=1.4)
     except ImportError:
         return None
 
@@ -513,6 +578,8 @@ def markdown(result: dict[str, Any]) -> str:
                 e = row["error sweep"].get(t, row["error sweep"].get(str(t), {}))
                 cells.append(f"{e.get('OK', 0)} / {e.get('IA', 0)} / {e.get('OA', 0)} / {e.get('WA', 0)}")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if result.get("skipped"):
+        lines += ["", "Rows not run for this model:", ""] + [f"- {k}: {v}." for k, v in result["skipped"].items()]
     return "\n".join(lines)
 
 
@@ -524,7 +591,8 @@ def main(argv: list[str] | None = None) -> int:
                         "rows (measured: 40-50 s on 2 idle cores; the standard errors are wide)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default="bundled",
-                   help="bundled (ResNet-50 layout, default) or bundled:resnet18_w16 (ResNet-18 layout)")
+                   help="bundled (ResNet-50 layout, default), bundled:resnet18_w16 (ResNet-18 layout) or "
+                        "bundled:vit_w64 (ViT layout: CP-LRP vs AttnLRP rows)")
     p.add_argument("--rise-masks", type=int, default=1000, help="RISE masks per image (default: %(default)s)")
     p.add_argument("--points", type=int, default=100, help="insertion/deletion points: step = N / points")
     p.add_argument("--only", nargs="*", help="run methods whose name contains one of these words")

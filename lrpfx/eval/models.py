@@ -10,6 +10,9 @@
 * ``ABNResNet``: an Attention Branch Network (Fukui et al., "Attention Branch Network:
   Learning of Attention Mechanism for Visual Explanation", CVPR 2019) on the same trunk.
   Its attention map is its explanation.
+* ``bundled_vit``: the ViT layout (torchvision ``VisionTransformer``: 8 x 8 patches of the
+  64 x 64 image, 64 tokens plus a class token, ``nn.MultiheadAttention``, LayerNorm, GELU MLP)
+  at a small hidden width, for the attention rule sets (``attnlrp`` against CP-LRP).
 * ``load_bundled``: a model with the weights shipped in ``lrpfx/eval/weights/``.
 """
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+from torchvision.models.vision_transformer import VisionTransformer
 
 Block = type[BasicBlock] | type[Bottleneck]
 
@@ -154,10 +158,21 @@ def bundled_abn(num_classes: int = 8, width: int = 16) -> ABNResNet:
     return ABNResNet(bundled_resnet(num_classes, width), num_classes)
 
 
+def bundled_vit(num_classes: int = 8, width: int = 64) -> VisionTransformer:
+    """The ViT layout for 64 x 64 inputs: torchvision's ``VisionTransformer`` with 8 x 8 patches
+    (64 tokens and a class token), 4 encoder blocks of 4 heads, hidden width ``width``, MLP
+    width ``2 * width``, no dropout; about 0.15 M parameters at width 64. Its attention is
+    ``nn.MultiheadAttention``, so every rule set compiles it (``attnlrp``: the softmax and
+    product rules; the others: CP-LRP, the softmax held constant)."""
+    return VisionTransformer(image_size=64, patch_size=8, num_layers=4, num_heads=4, hidden_dim=width,
+                             mlp_dim=2 * width, num_classes=num_classes)
+
+
 ARCHITECTURES = {
     "resnet50": bundled_resnet,
     "resnet18": bundled_resnet18,
     "abn_resnet50": bundled_abn,
+    "vit": bundled_vit,
 }
 """Builders by architecture name; bundled names are ``<arch>_w<width>`` (``resnet50_w16``)."""
 
@@ -218,7 +233,8 @@ def load_bundled(name: str = "resnet50_w16", directory: str | Path | None = None
     """A bundled model with its trained weights, in eval mode and float32.
 
     Args:
-        name: ``resnet50_w16`` (the ResNet-50 layout), ``resnet18_w16`` or ``abn_resnet50_w16``
+        name: ``resnet50_w16`` (the ResNet-50 layout), ``resnet18_w16``, ``abn_resnet50_w16`` or
+            ``vit_w64`` (the ViT layout)
             (whichever ``lrpfx/eval/weights/`` holds; ``bundled_metadata`` gives their accuracy).
         directory: another folder holding ``<name>.safetensors`` and ``<name>.json``.
 
