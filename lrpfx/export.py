@@ -18,9 +18,13 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from lrpfx.compiler.diagnostics import minimum_input_size
 from lrpfx.errors import LrpfxError
 from lrpfx.postprocess.c3 import parse_resize
 from lrpfx.postprocess.tensor_backend import c3_tensor
+
+
+__all__ = ["ExportError", "c3_sizes", "export_onnx", "export_program", "minimum_input_size", "output_names"]
 
 
 class ExportError(LrpfxError):
@@ -50,34 +54,6 @@ def c3_sizes(explainer: fx.GraphModule) -> list[tuple[int, int] | None]:
     """The ``resize_to`` of every C3 stage in the explainer's graph (empty without a C3 stage)."""
     return [parse_resize(n.kwargs.get("resize_to", (28, 28))) for n in explainer.graph.nodes
             if n.op == "call_function" and n.target is c3_tensor]
-
-
-def minimum_input_size(explainer: torch.nn.Module, example_input: torch.Tensor) -> int:
-    """The smallest square side (<= the example's) at which the explainer runs, by bisection.
-
-    One random image per try, in eager mode; a network whose feature maps would shrink to
-    nothing (e.g. a VGG below 32 x 32) fails below its minimum with a shape error deep inside
-    a pooling or a convolution, which this turns into a number to name.
-    """
-    channels, hi = example_input.shape[1], int(min(example_input.shape[-2:]))
-    g = torch.Generator().manual_seed(0)
-
-    def runs(side: int) -> bool:
-        x = torch.randn(1, channels, side, side, generator=g, dtype=example_input.dtype).to(example_input.device)
-        try:
-            with torch.inference_mode():
-                explainer(x)
-        except (RuntimeError, ValueError, IndexError):
-            return False
-        return True
-
-    if runs(1):
-        return 1
-    lo = 1  # fails at lo, and (the caller checked the example) runs at hi
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if runs(mid) else (mid, hi)
-    return hi
 
 
 def output_names(explainer: fx.GraphModule) -> list[str]:
@@ -192,7 +168,7 @@ def _check_example(explainer: torch.nn.Module, example_input: torch.Tensor) -> N
     """An example too small for the network: an error naming the network's minimum size."""
     try:
         with torch.inference_mode():
-            explainer(example_input[:1])
+            explainer.forward(example_input[:1])  # the bare forward: the shape error, not the eager InputError
     except (RuntimeError, IndexError) as e:
         h, w = example_input.shape[-2:]
         bigger = example_input.new_zeros(1, example_input.shape[1], max(h, w, 32) * 8, max(h, w, 32) * 8)

@@ -1,4 +1,5 @@
-"""Conservation diagnostics of a compiled explainer, on request, without recompiling it."""
+"""Diagnostics of a compiled explainer, on request, without recompiling it: conservation per block
+(:func:`block_leaks`) and the smallest input it takes (:func:`minimum_input_size`)."""
 from __future__ import annotations
 
 from typing import Any
@@ -40,3 +41,32 @@ def block_leaks(explainer: fx.GraphModule, x: torch.Tensor, target: Any = None) 
         r_in, r_out = rec.values[name], rec.values[meta["rel_out"]]
         out[meta["source"]] = 1 - r_in.flatten(1).sum(1) / r_out.flatten(1).sum(1)
     return out
+
+
+def minimum_input_size(explainer: torch.nn.Module, example_input: torch.Tensor) -> int:
+    """The smallest square side (<= the example's) at which the explainer runs, by bisection.
+
+    One random image per try, in eager mode; a network whose feature maps would shrink to
+    nothing (e.g. a VGG below 32 x 32) fails below its minimum with a shape error deep inside
+    a pooling or a convolution, which this turns into a number to name. Calls ``forward``
+    directly (no hooks, no fx error printout per failed try).
+    """
+    channels, hi = example_input.shape[1], int(min(example_input.shape[-2:]))
+    g = torch.Generator().manual_seed(0)
+
+    def runs(side: int) -> bool:
+        x = torch.randn(1, channels, side, side, generator=g, dtype=example_input.dtype).to(example_input.device)
+        try:
+            with torch.inference_mode():
+                explainer.forward(x)
+        except (RuntimeError, ValueError, IndexError):
+            return False
+        return True
+
+    if runs(1):
+        return 1
+    lo = 1  # fails at lo, and (the caller checked the example) runs at hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if runs(mid) else (mid, hi)
+    return hi

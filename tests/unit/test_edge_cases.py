@@ -370,3 +370,22 @@ def test_channels_last_model_and_input_give_the_same_relevance(rules: str) -> No
     explainer = lrpfx.compile(nhwc, rules).to(memory_format=torch.channels_last)
     relevance, _ = explainer(x.contiguous(memory_format=torch.channels_last))
     assert rel_err(relevance, reference) < 1e-12
+
+
+def test_an_input_below_the_networks_minimum_names_the_minimum(capsys: pytest.CaptureFixture) -> None:
+    """Three stride-2 poolings and a 3x3 conv at the end: the smallest input is 3 * 8 = 24 px.
+
+    The oracle is the model itself: it runs at 24 x 24 and fails at 23 x 23.
+    """
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.MaxPool2d(2), nn.MaxPool2d(2),
+                        nn.Conv2d(4, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    net(torch.randn(1, 3, 24, 24))
+    with pytest.raises(RuntimeError):
+        net(torch.randn(1, 3, 23, 23))
+    explainer = lrpfx.compile(net, "epsilon_plus_flat")
+    with pytest.raises(lrpfx.InputError, match=r"the input is 16 x 20, smaller than the smallest input this network "
+                                               r"takes \(24 x 24\).*at least 24 x 24"):
+        explainer(torch.randn(2, 3, 16, 20))
+    assert "Traceback" not in capsys.readouterr().err  # no fx code printout from the probes
+    assert explainer(torch.randn(2, 3, 24, 24))[0].shape == (2, 3, 24, 24)
