@@ -310,33 +310,35 @@ def gamma(a: torch.Tensor, z: torch.Tensor, rel: torch.Tensor, w_p: torch.Tensor
     # each quotient is masked after the division (a select: 0/0 where a denominator vanishes is dropped)
     s_up = torch.add(z, p)
     s_up = _where_positive(_div_into(rel, s_up), z)
-    s_dn = torch.add(z, p, alpha=-1 / (1 + gamma), **({} if _autograd(p, z) else {"out": p}))
+    s_dn = torch.add(z, p, alpha=-1 / (1 + gamma), **({"out": p} if _in_place(p, z) else {}))
     s_dn = _where_negative(_div_into(rel, s_dn), z)
     return _transpose(s_up, w_up, a.shape, *geo).add_(_transpose(s_dn, w_dn, a.shape, *geo)).mul_(a)
 
 
-def _autograd(*ts: torch.Tensor) -> bool:
-    """Whether autograd records ops on ``ts`` (then ``out=`` forms, which it refuses, are not used)."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+def _in_place(*ts: torch.Tensor) -> bool:
+    """Whether to write into fresh tensors with ``out=`` and use the eager-only fast kernels: in eager
+    mode when autograd records nothing on ``ts`` (it refuses ``out=``). Exported, traced and compiled
+    graphs get the plain ops (the compilers fuse them; ONNX has no ``copysign``)."""
+    return _validating() and not (torch.is_grad_enabled() and any(t.requires_grad for t in ts))
 
 
 def _div_into(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """num / den, written into ``den`` (a fresh tensor of the result's shape)."""
-    return num / den if _autograd(num, den) else torch.div(num, den, out=den)
+    """num / den, written into ``den`` (a fresh tensor of the result's shape) where allowed."""
+    return torch.div(num, den, out=den) if _in_place(num, den) else num / den
 
 
 def _where_positive(t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """``t`` where ``z > 0``, else 0, written into ``t`` (ReLU's backward kernel: one vectorized pass)."""
-    if _autograd(t, z):
-        return torch.ops.aten.threshold_backward(t, z, 0)
-    return torch.ops.aten.threshold_backward.grad_input(t, z, 0, grad_input=t)
+    if _in_place(t, z):
+        return torch.ops.aten.threshold_backward.grad_input(t, z, 0, grad_input=t)
+    return torch.where(z > 0, t, t.new_zeros(()))
 
 
 def _where_negative(t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """``t`` where ``z < 0``, else 0, written into ``t`` (Hardtanh's backward kernel on (-inf, 0))."""
-    if _autograd(t, z):
-        return torch.ops.aten.hardtanh_backward(t, z, -math.inf, 0.0)
-    return torch.ops.aten.hardtanh_backward.grad_input(t, z, -math.inf, 0.0, grad_input=t)
+    if _in_place(t, z):
+        return torch.ops.aten.hardtanh_backward.grad_input(t, z, -math.inf, 0.0, grad_input=t)
+    return torch.where(z < 0, t, t.new_zeros(()))
 
 
 def gamma_signed(a: torch.Tensor, z: torch.Tensor, rel: torch.Tensor, w_up: torch.Tensor, w_dn: torch.Tensor,
@@ -567,12 +569,9 @@ def add_split(u: torch.Tensor, rel: torch.Tensor, *, eps: float) -> torch.Tensor
     it differs from sign(0) = +1 only at u = -0.0, which a sum reaches only when every summand
     is a zero, so every share h_i * factor is 0 either way.
     """
-    eps = effective_eps(eps, u.dtype)
-    if eps == 0.0:
+    if effective_eps(eps, u.dtype) == 0.0 or not _in_place(rel, u):  # (copysign's backward reads its output)
         return rel / stabilize(u, eps)
-    den = torch.copysign(u.new_full((), eps), u)  # fresh, u's shape
-    if _autograd(rel, u):  # copysign's backward reads its output: no in-place update of it
-        return rel / (den + u)
+    den = torch.copysign(u.new_full((), effective_eps(eps, u.dtype)), u)  # fresh, u's shape
     return torch.div(rel, den.add_(u), out=den)
 
 
