@@ -8,6 +8,11 @@ measured per method in a fresh subprocess: the peak resident set (VmHWM, reset a
 loading) minus the resident set after loading.
 
 Machines here are shared and noisy: compare ratios from one run, not times across runs.
+
+``--models resnet50,convnext_tiny,...`` runs the lrpfx rule sets on several architectures in one
+process, each against its own floor (its own forward plus Input x Gradient backward), and reports
+time and peak memory as ratios to that floor (``--memory``); a model or rule set that does not
+compile is reported with its error. ViT runs at its fixed input size.
 """
 from __future__ import annotations
 
@@ -104,7 +109,7 @@ def _captum(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> Ca
     return run
 
 
-def methods(compiled: bool, c3: bool) -> dict[str, Callable[..., Callable[[], Any]]]:
+def methods(compiled: bool, c3: bool, peers: bool = True) -> dict[str, Callable[..., Callable[[], Any]]]:
     out: dict[str, Callable[..., Callable[[], Any]]] = {"forward": _forward, "floor": _floor}
     out.update({f"lrpfx:{r}": _lrpfx(r) for r in LRPFX_RULES})
     if c3:
@@ -114,9 +119,10 @@ def methods(compiled: bool, c3: bool) -> dict[str, Callable[..., Callable[[], An
         out.update({f"lrpfx:{r} (torch.compile)": _lrpfx(r, compiled=True) for r in LRPFX_RULES})
         if c3:
             out["lrpfx:c3_lrp+C3 (torch.compile)"] = _lrpfx("c3_lrp", compiled=True, c3=True)
-    out["zennit:EpsilonPlusFlat"] = _zennit("EpsilonPlusFlat")
-    out["zennit:EpsilonGammaBox"] = _zennit("EpsilonGammaBox")
-    out["captum:LRP"] = _captum
+    if peers:
+        out["zennit:EpsilonPlusFlat"] = _zennit("EpsilonPlusFlat")
+        out["zennit:EpsilonGammaBox"] = _zennit("EpsilonGammaBox")
+        out["captum:LRP"] = _captum
     return out
 
 
@@ -137,7 +143,7 @@ def _cuda_peak_mb(run: Callable[[], Any], device: str) -> float:
     return (peak - base) / 2**20
 
 
-def time_methods(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+def time_methods(args: argparse.Namespace, peers: bool = True) -> dict[str, dict[str, Any]]:
     if args.device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True  # every method gets cuDNN's fastest algorithms
     model = build_model(args.arch, args.device, getattr(torch, args.dtype))
@@ -148,7 +154,7 @@ def time_methods(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     target = model(x).argmax(1)
     runs: dict[str, Callable[[], Any]] = {}
     notes: dict[str, str] = {}
-    for name, make in methods(args.compile, _has_c3()).items():
+    for name, make in methods(args.compile, _has_c3(), peers).items():
         if args.only and name not in args.only:
             continue
         try:
@@ -180,6 +186,51 @@ def time_methods(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             table[name]["extra_mb"] = cuda_mb[name]
             table[name]["memory_ratio_to_floor"] = cuda_mb[name] / cuda_mb.get("floor", float("nan"))
     return table
+
+
+def input_size(arch: str, size: int) -> int:
+    """The input size to run ``arch`` at: ``size``, or the model's own fixed size (ViT's 224)."""
+    return int(getattr(torchvision.models.get_model(arch, weights=None), "image_size", size))
+
+
+def sweep(args: argparse.Namespace) -> dict[str, Any]:
+    """Every lrpfx rule set on every model of ``--models``, each model against its own floor."""
+    out: dict[str, Any] = {}
+    for arch in args.models.split(","):
+        margs = copy.copy(args)
+        margs.arch, margs.size = arch, input_size(arch, args.size)
+        try:
+            table = time_methods(margs, peers=False)
+        except Exception as e:  # a model that does not even build or run its floor
+            out[arch] = {"size": margs.size, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+            continue
+        if args.memory and not args.device.startswith("cuda"):
+            mem = measure_memory(margs, [k for k in table if k != "forward" and table[k]["ms"] == table[k]["ms"]])
+            for k, v in mem.items():
+                table[k]["extra_mb"] = v
+                table[k]["memory_ratio_to_floor"] = v / mem.get("floor", float("nan"))
+        out[arch] = {"size": margs.size, "methods": table}
+        print(f"{arch} ({margs.size} px) done", flush=True)
+    return out
+
+
+def print_sweep(result: dict[str, Any]) -> None:
+    names = [f"lrpfx:{r}" for r in LRPFX_RULES] + (["lrpfx:c3_lrp+C3"] if _has_c3() else [])
+    print("time / memory, each as a ratio to the model's own floor (forward + Input x Gradient backward)")
+    print(f"{'model':18s} {'px':>4s} {'floor ms':>9s}" + "".join(f" {n[6:]:>21s}" for n in names))
+    for arch, row in result.items():
+        if "error" in row:
+            print(f"{arch:18s} {row['size']:4d} failed: {row['error']}")
+            continue
+        m = row["methods"]
+        cells = []
+        for n in names:
+            v = m.get(n)
+            if v is None or v["ms"] != v["ms"]:
+                cells.append(f" {'not compiled':>21s}")
+            else:
+                cells.append(f" {v['ratio_to_floor']:9.2f}x / {v.get('memory_ratio_to_floor', float('nan')):7.2f}x")
+        print(f"{arch:18s} {row['size']:4d} {m['floor']['ms']:9.0f}" + "".join(cells))
 
 
 def _has_c3() -> bool:
@@ -255,6 +306,8 @@ def compile_time(arch: str = "resnet152", rules: str = "c3_lrp") -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lrpfx.eval.bench", description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="resnet50")
+    p.add_argument("--models", help="comma-separated torchvision architectures: every lrpfx rule set on each, "
+                                    "against that model's own floor (no peers); ViT at its fixed size")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--threads", type=int, default=2)
@@ -275,6 +328,20 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if args.memory_of:
         memory_child(args)
+        return 0
+    if args.models:
+        result = {"config": {k: v for k, v in vars(args).items() if k != "memory_of"}, "torch": torch.__version__,
+                  "cpu_count": os.cpu_count(), "device_name": _device_name(args.device), "models": sweep(args)}
+        print(f"batch {args.batch}, {args.threads} threads, {result['device_name']}, {args.dtype}, "
+              f"median of {args.rounds} interleaved rounds")
+        print_sweep(result["models"])
+        for arch, row in result["models"].items():
+            for name, v in row.get("methods", {}).items():
+                if v["note"].startswith("failed"):
+                    print(f"  {arch} {name}: {v['note']}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
         return 0
     table = time_methods(args)
     if args.memory and not args.device.startswith("cuda"):
