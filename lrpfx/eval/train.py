@@ -33,7 +33,7 @@ from lrpfx.eval.models import ABNResNet, build, save_state
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m lrpfx.eval.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="resnet50_w16", help="resnet50_w16, resnet18_w16, abn_resnet50_w16, ...")
+    p.add_argument("--model", default="resnet50_w16", help="resnet50_w16, resnet18_w16, abn_resnet50_w16, vit_w64, ...")
     p.add_argument("--out", default="lrpfx/eval/weights/", help="folder for <model>.safetensors and <model>.json")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and of the data")
     p.add_argument("--epochs", type=int, default=9)
