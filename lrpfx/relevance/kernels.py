@@ -91,12 +91,33 @@ def _transpose(s: torch.Tensor, weight: torch.Tensor, in_shape: Sequence[int],
     nd = weight.dim() - 2
     if any(st > 1 for st in stride) and all(k == 1 for k in weight.shape[2:]) and not any(padding):
         return _strided_pointwise_transpose(s, weight, in_shape, stride, groups)
+    if torch.compiler.is_exporting():
+        return _transpose_any_size(s, weight, in_shape, stride, padding, dilation, groups)
     out_pad = [
         in_shape[2 + i] - ((s.shape[2 + i] - 1) * stride[i] - 2 * padding[i]
                            + dilation[i] * (weight.shape[2 + i] - 1) + 1)
         for i in range(nd)
     ]
     return _CONV_T[nd](s, weight, None, stride, padding, out_pad, groups, dilation)
+
+
+def _transpose_any_size(s: torch.Tensor, weight: torch.Tensor, in_shape: Sequence[int], stride: Sequence[int],
+                        padding: Sequence[int], dilation: Sequence[int], groups: int) -> torch.Tensor:
+    """``_transpose`` without an ``output_padding`` that depends on the input size (exports).
+
+    ONNX's ConvTranspose takes output_padding only as a constant, and it depends on whether
+    the input size was even or odd. So: the full transposed convolution (padding 0: every
+    position any window touches), padded by stride - 1 at the end (a constant that always
+    covers the rows the stride dropped), then cut to the input's rows [padding, padding + size).
+    The same numbers; the cut's bounds are the only size-dependent values, and ONNX's Slice
+    takes them as tensors.
+    """
+    nd = weight.dim() - 2
+    full = _CONV_T[nd](s, weight, None, stride, 0, 0, groups, dilation)
+    ends = [v for i in reversed(range(nd)) for v in (0, stride[i] - 1)]
+    full = F.pad(full, ends) if any(ends) else full
+    return full[(slice(None), slice(None),
+                 *(slice(padding[i], padding[i] + in_shape[2 + i]) for i in range(nd)))]
 
 
 def _strided_pointwise_transpose(s: torch.Tensor, weight: torch.Tensor, in_shape: Sequence[int],
@@ -474,6 +495,8 @@ def _avgpool_transpose(t: torch.Tensor, in_shape: Sequence[int], *, kernel_size:
     """
     channels = in_shape[1]
     ones = torch.ones((channels, 1, *kernel_size), dtype=t.dtype, device=t.device)
+    if torch.compiler.is_exporting():  # no size-dependent output_padding in an exported graph
+        return _transpose_any_size(t, ones, in_shape, stride, padding, (1, 1), channels)
     full = [(o - 1) * s - 2 * p + k for o, s, p, k in zip(t.shape[-2:], stride, padding, kernel_size)]
     out_pad = [max(0, n - f) for n, f in zip(in_shape[-2:], full)]
     g = F.conv_transpose2d(t, ones, None, stride, padding, out_pad, channels)
