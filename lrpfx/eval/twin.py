@@ -200,8 +200,30 @@ def _apply_detached(fn: Callable, x: torch.Tensor) -> torch.Tensor:
     return fn(x).detach()
 
 
+def _with_held_softmax(fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    """``fn`` with every ``F.softmax`` inside it held (its output detached): for functions that
+    fx keeps as one call (torchvision wraps Swin's window attention with ``torch.fx.wrap``)."""
+    original = F.softmax
+
+    def held(*a: Any, **k: Any) -> torch.Tensor:
+        return original(*a, **k).detach()
+
+    F.softmax = held
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        F.softmax = original
+
+
+#: fx-wrapped library functions that compute attention inside: run with the softmax held
+_WRAPPED_ATTENTION = {("torchvision.models.swin_transformer", "shifted_window_attention")}
+
+
 def _replacement(node: fx.Node, key: Any, gm: fx.GraphModule) -> tuple[Callable, tuple, dict] | None:
     x = node.args[0] if node.args else None
+    if node.op == "call_function" and (getattr(key, "__module__", None), getattr(key, "__name__", None)) \
+            in _WRAPPED_ATTENTION:
+        return _with_held_softmax, (key, *node.args), dict(node.kwargs)
     if isinstance(key, nn.MultiheadAttention):
         return multihead_attention, (key, *node.args[1:]), dict(node.kwargs)
     if key is F.scaled_dot_product_attention:

@@ -229,10 +229,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default="benchmarks/coverage.json", help="JSON rows path")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--merge", help="comma-separated JSON files of earlier runs (e.g. one per source, run in "
-                                    "parallel): write one table from their rows instead of sweeping")
+                                    "parallel): write one table from their rows instead of sweeping; a later "
+                                    "file's row replaces an earlier row of the same model")
     args = ap.parse_args(argv)
     if args.merge:
-        rows = [Row(**r) for path in args.merge.split(",") for r in json.loads(Path(path).read_text())]
+        merged: dict[tuple[str, str], Row] = {}  # a later file's row replaces an earlier row of the same model
+        for path in args.merge.split(","):
+            for r in json.loads(Path(path).read_text()):
+                merged[(r["source"], r["name"])] = Row(**r)
+        rows = list(merged.values())
         _write(rows, args, argv)
         return 0
     if args.threads:

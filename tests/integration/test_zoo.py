@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torchvision
 
 import lrpfx
 from conftest import rel_err
@@ -63,3 +64,17 @@ def test_every_op_class_exports_to_torch_export_and_onnx(name: str, tmp_path) ->
     x3 = torch.randn(3, 3, 8, 8)  # another batch size
     got = torch.from_numpy(ort.InferenceSession(str(path)).run(None, {"x": x3.numpy()})[0])
     assert rel_err(got, explainer(x3)[0]) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["swin_t", "swin_v2_t"])
+def test_swin_lrp0_equals_the_twin_with_its_window_attention_held(name: str) -> None:
+    """torchvision keeps Swin's window attention as one fx call (torch.fx.wrap): the twin runs it
+    with its softmax held, lrpfx expands it; LRP-0 equals Input x Gradient of that twin, at the
+    size where every stage shifts its windows with the attention mask."""
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, num_classes=10).eval().double()
+    size = 224 if name == "swin_t" else 256
+    x = torch.randn(1, 3, size, size, dtype=torch.float64)
+    target = torch.tensor([3])
+    relevance = lrpfx.compile(model, "lrp0")(x, target)[0]
+    assert rel_err(relevance, input_x_gradient(linearized_twin(model), x, target)) < 1e-6
