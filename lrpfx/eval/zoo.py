@@ -49,10 +49,8 @@ SIZES: dict[str, int] = {"squeezenet1_0": 96, "squeezenet1_1": 96, "botnet26t_25
                          "swin_b": 224, "swin_v2_t": 256, "swin_v2_s": 256, "swin_v2_b": 256, "tresnet_m": 224}
 #: why an architecture cannot be explained exactly (shown in its row)
 KNOWN_LIMITS: dict[str, str] = {
-    "shifted_window_attention": "torchvision wraps Swin's window attention in one fx-opaque function whose "
-                                "padding and shift depend on the input size in Python control flow; lrpfx cannot "
-                                "see the softmax inside to hold it",
-    "product": "a product of two input-dependent values (lambda layers: q @ (softmax(k) @ v)) has no built-in rule",
+    "product": "a product of two input-dependent values (lambda layers: q @ (softmax(k) @ v)): only the "
+               "uniform product rule of attnlrp/attnlrp_gamma covers it",
 }
 
 
