@@ -469,4 +469,5 @@ def test_a_model_that_cannot_take_the_size_is_one_line(tmp_path: Path, capsys: p
     _image(tmp_path / "in" / "a.png")
     assert cli.main(["explain", str(tmp_path / "in"), "--model", f"{tmp_path / 'net.py'}:make", "--rules", "lrp0",
                      "--size", "2", "--workers", "0", "--quiet", "--out", str(tmp_path / "out")]) == 2
-    assert "the model failed on a batch of shape (1, 3, 2, 2)" in _one_error_line(capsys)
+    # a 5 x 5 convolution: the explainer names the smallest input the network takes
+    assert "the input is 2 x 2, smaller than the smallest input this network takes (5 x 5)" in _one_error_line(capsys)
