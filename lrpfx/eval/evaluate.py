@@ -588,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=200, help="test images (default: %(default)s)")
     p.add_argument("--quick", action="store_true",
                    help="a first look: 8 images, 100 RISE masks, 10 points, 2 tie seeds, the same columns and "
-                        "rows (measured: 40-50 s on 2 idle cores; the standard errors are wide)")
+                        "rows (measured: 21 s on 2 idle cores, 4 min with two other jobs on them; the standard errors are wide)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default="bundled",
                    help="bundled (ResNet-50 layout, default), bundled:resnet18_w16 (ResNet-18 layout) or "
