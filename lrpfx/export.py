@@ -127,7 +127,8 @@ def export_program(explainer: fx.GraphModule, example_input: torch.Tensor, *, ta
 
     The program's ``forward(x, target)`` takes ``target`` (N,) int64, -1 for the predicted
     class (``target_input=False``: ``forward(x)``, the predicted class). The batch is dynamic
-    (``dynamic_batch``), and so are the height and width between ``min_size`` (default: 1,
+    (``dynamic_batch``; an example of batch 1 is traced at batch 2, since torch.export would make a
+    dimension of size 1 a constant), and so are the height and width between ``min_size`` (default: 1,
     raised to a C3 stage's ``resize_to``) and ``max_size``: ``dynamic_size=None`` when every op
     allows it (else the example's size and a warning naming the op), ``True`` always (else
     :class:`ExportError` naming the op), ``False`` never.
@@ -135,6 +136,9 @@ def export_program(explainer: fx.GraphModule, example_input: torch.Tensor, *, ta
     Raises:
         ExportError: with ``dynamic_size=True``, an op that only works at particular sizes.
     """
+    if dynamic_batch and example_input.shape[0] == 1:
+        # torch.export specializes a dimension of size 1 to a constant: trace the batch dimension at 2
+        example_input = torch.cat([example_input, example_input])
     _check_example(explainer, example_input)
     if dynamic_size is None:
         try:
