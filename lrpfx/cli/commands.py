@@ -180,7 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     p = parser()
     with warnings.catch_warnings():
         if not debug:
-            warnings.simplefilter("default")  # each warning once per place, even under a test runner's filters
+            # Python's own defaults, made explicit (so a test runner's filters do not change what a user sees):
+            # each warning once per place, library deprecations hidden
+            warnings.simplefilter("default")
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.filterwarnings("ignore", category=category)
             warnings.showwarning = _one_line_warning
         try:
             if argv and argv[0] in ("bench", "eval"):  # their own parsers take the rest
