@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from lrpfx.compiler.diagnostics import minimum_input_size
+from lrpfx.compiler.diagnostics import minimum_input_size, smallest_side
 from lrpfx.errors import LrpfxError
 from lrpfx.postprocess.c3 import parse_resize
 from lrpfx.postprocess.tensor_backend import c3_tensor
@@ -175,12 +175,8 @@ def _check_example(explainer: torch.nn.Module, example_input: torch.Tensor) -> N
             explainer.forward(example_input[:1])  # the bare forward: the shape error, not the eager InputError
     except (RuntimeError, IndexError) as e:
         h, w = example_input.shape[-2:]
-        bigger = example_input.new_zeros(1, example_input.shape[1], max(h, w, 32) * 8, max(h, w, 32) * 8)
-        try:
-            side = minimum_input_size(explainer, bigger)
-        except Exception:  # noqa: BLE001 - the probe itself failed: report the original error
-            raise e from None
-        if side > min(h, w):
+        side = smallest_side(explainer, example_input)
+        if side is not None and side > min(h, w):
             raise ExportError(f"the example input is {h} x {w}, smaller than the smallest input this network takes "
                               f"({side} x {side}). Hint: export with an example of at least {side} x {side}."
                               ) from e

@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 from torch.fx.graph_module import _forward_from_src
 
-from lrpfx.compiler.diagnostics import minimum_input_size
+from lrpfx.compiler.diagnostics import smallest_side
 from lrpfx.errors import InputError
 
 _WIDTH = 110
@@ -35,42 +35,21 @@ class RelevanceNetwork(fx.GraphModule):
     instead of a shape error deep inside a pooling or a convolution.
     """
 
-    _probing = False
-
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self._probing or torch.compiler.is_compiling() or not args or not isinstance(args[0], torch.Tensor) \
+        if torch.compiler.is_compiling() or not args or not isinstance(args[0], torch.Tensor) \
                 or args[0].dim() < 3:
             return super().__call__(*args, **kwargs)
         try:
             return super().__call__(*args, **kwargs)
-        except (RuntimeError, IndexError) as e:
-            if isinstance(e, InputError):
-                raise
+        except (RuntimeError, IndexError) as e:  # a shape error deep inside (InputError is a ValueError)
             x = args[0]
-            side = self._smallest_side(x)
+            side = smallest_side(self, x)  # probes with the bare forward: no recursion into __call__
             if side is None or side <= min(x.shape[2:]):
                 raise
             size = " x ".join(str(int(v)) for v in x.shape[2:])
             raise InputError(f"the input is {size}, smaller than the smallest input this network takes ({side} x "
                              f"{side}): its feature maps would shrink to nothing. Hint: resize the images to at "
                              f"least {side} x {side}.") from e
-
-    def _smallest_side(self, x: torch.Tensor) -> int | None:
-        """The network's minimum square side, probed below a generous size; None if it runs nowhere."""
-        if x.dim() != 4:
-            return None
-        side = max(int(max(x.shape[2:])), 32) * 8
-        self._probing = True
-        try:
-            probe = x.new_zeros(1, x.shape[1], side, side)
-            try:
-                with torch.inference_mode():
-                    self.forward(probe)
-            except (RuntimeError, IndexError, ValueError):
-                return None  # fails at a generous size too: not a matter of size
-            return minimum_input_size(self, probe)
-        finally:
-            self._probing = False
 
     def recompile(self) -> Any:
         python_code = super().recompile()

@@ -70,3 +70,19 @@ def minimum_input_size(explainer: torch.nn.Module, example_input: torch.Tensor) 
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if runs(mid) else (mid, hi)
     return hi
+
+
+def smallest_side(explainer: torch.nn.Module, x: torch.Tensor) -> int | None:
+    """The explainer's minimum square input side for inputs like ``x`` (N, C, H, W), or None when
+    it fails at a generous size too (8 times the input's larger side, at least 256): then the
+    failure is not a matter of size. Probes with the bare ``forward``."""
+    if x.dim() != 4:
+        return None
+    side = max(int(max(x.shape[2:])), 32) * 8
+    probe = x.new_zeros(1, x.shape[1], side, side)
+    try:
+        with torch.inference_mode():
+            explainer.forward(probe)
+    except (RuntimeError, IndexError, ValueError):
+        return None
+    return minimum_input_size(explainer, probe)
