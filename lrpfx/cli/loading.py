@@ -232,7 +232,7 @@ def _bundled(name: str | None) -> LoadedModel:
     except (FileNotFoundError, ValueError) as e:
         raise LoadError(str(e)) from None
     classes = list(meta.get("classes", [])) or None
-    return LoadedModel(model, tuple(meta["mean"]), tuple(meta["std"]), int(meta.get("size", 64)),
+    return LoadedModel(model, tuple(meta["mean"]), tuple(meta["std"]), int(meta.get("image_size", 64)),
                        f"bundled:{name}", classes, classes_source="the bundled model's labels" if classes else None)
 
 

@@ -193,7 +193,9 @@ def _captum(kind: str) -> Method:
 def _rise(n_masks: int) -> Method:
     def run(models: Models, x: torch.Tensor, target: torch.Tensor) -> MethodOutput:
         from lrpfx.eval.rise import rise
-        return MethodOutput(rise(models.fast, x, target, n_masks=n_masks, batch_size=100).float())
+        # an 8 x 8 grid at any size (8 px cells at 64 px, 28 px at 224 px; RISE used 7 x 7 at 224)
+        cell = max(1, x.shape[-1] // 8)
+        return MethodOutput(rise(models.fast, x, target, n_masks=n_masks, cell_size=cell, batch_size=100).float())
     return run
 
 
@@ -278,12 +280,39 @@ def methods(n_masks: int, family: str = "resnet") -> dict[str, Method]:
 
 ABN_ROWS = ("ABN attention [ABN model]", "Centred Gaussian blob [ABN model]", "Ground-truth mask [ABN model]")
 THRESHOLDS = (0.3, 0.5, 0.7)
-"""p0 = c0 of the IA/OA/WA labels, swept (METHOD_SPEC §5.4 uses 0.5; nothing calibrates it)."""
+"""p0 = c0 of the IA/OA/WA labels, swept beside the calibrated pair (METHOD_SPEC §5.4 uses 0.5)."""
+
+CALIBRATION_IMAGES = 500
+CALIBRATION_QUANTILE = 0.95
+
+
+def calibrate_thresholds(size: int = 64, seed: int = 0, n: int = CALIBRATION_IMAGES,
+                         quantile: float = CALIBRATION_QUANTILE) -> dict[str, Any]:
+    """(p0, c0) of the IA/OA/WA labels, calibrated on the *validation* split (never the test images).
+
+    Nobody here labels maps by hand (METHOD_SPEC §5.4 step 6 asks for a human-labelled subset),
+    so the thresholds are set against chance instead: p0 and c0 are the ``quantile`` of the
+    precision and the coverage that a uniformly random map's attended set (R+ > mean(R+), the set
+    every method is labelled by) reaches on ``n`` validation images. A map is then "precise" when
+    its attended set is more precise than 95% of random maps would be on these objects, and
+    "covers" the object when it covers more of it than 95% of random maps do. The random maps'
+    seed is fixed; the result depends on the object sizes of the split, not on any model.
+    """
+    from lrpfx.eval.datasets import ShapesDataset
+    data = ShapesDataset("val", n=n, size=size, seed=seed, normalize=True, return_mask=True)
+    masks = torch.stack([torch.as_tensor(data[i][2]) for i in range(n)]).bool()
+    random_maps = torch.rand(masks.shape, generator=torch.Generator().manual_seed(10_000 + seed))
+    stats = metrics.attention_stats(random_maps, masks)
+    p0 = float(torch.nanquantile(stats.precision, quantile))
+    c0 = float(torch.nanquantile(stats.coverage, quantile))
+    return {"p0": round(p0, 3), "c0": round(c0, 3), "split": "val", "images": n, "size": size, "seed": seed,
+            "rule": f"the {quantile:.0%} quantile of a uniformly random map's precision and coverage "
+                    f"(attended set R+ > mean(R+)) on {n} validation images"}
 
 
 def score(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, masks: torch.Tensor, out: MethodOutput,
           mean: tuple[float, ...], std: tuple[float, ...], points: int = 100, tie_seeds: tuple[int, ...] = (0, 1, 2, 3, 4),
-          index_offset: int = 0) -> dict[str, Any]:
+          index_offset: int = 0, calibrated: tuple[float, float] | None = None) -> dict[str, Any]:
     """Per-image metrics of one method's maps, the same for every method.
 
     ``points`` sets the insertion/deletion step to N / points. Insertion/deletion twice: the
@@ -325,6 +354,8 @@ def score(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, masks: 
     per["ID per seed"] = ins_s - del_s  # (S, n)
     for t in THRESHOLDS:
         per[f"error@{t}"] = metrics.error_type(maps, masks, p0=t, c0=t)
+    if calibrated is not None:
+        per["error@calibrated"] = metrics.error_type(maps, masks, p0=calibrated[0], c0=calibrated[1])
     return per
 
 
@@ -360,7 +391,7 @@ class Evaluation:
 def _run_rows(rows: dict[str, Method | MethodOutput], models: Models, x: torch.Tensor, target: torch.Tensor,
               masks: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], batch_size: int, points: int,
               tie_seeds: tuple[int, ...], bar: Any, progress: bool,
-              on_row: Any = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+              on_row: Any = None, calibrated: tuple[float, float] | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     table: dict[str, Any] = {}
     all_maps: dict[str, torch.Tensor] = {}
     n_images = len(x)
@@ -374,7 +405,8 @@ def _run_rows(rows: dict[str, Method | MethodOutput], models: Models, x: torch.T
                 sl = slice(start, start + batch_size)
                 out = MethodOutput(method.maps[sl]) if isinstance(method, MethodOutput) else method(models, x[sl], target[sl])
                 maps.append(out.maps)
-                part = score(models.fast, x[sl], target[sl], masks[sl], out, mean, std, points, tie_seeds, start)
+                part = score(models.fast, x[sl], target[sl], masks[sl], out, mean, std, points, tie_seeds, start,
+                             calibrated)
                 for k, v in part.items():
                     per[k] = per.get(k, []) + (list(v) if isinstance(v, list) else [v])
                 bar.update(len(out.maps))
@@ -382,10 +414,11 @@ def _run_rows(rows: dict[str, Method | MethodOutput], models: Models, x: torch.T
             seeds = torch.cat(per.pop("ID per seed"), 1)
             row = {k: _mean_se(torch.cat(v)) for k, v in per.items()}
             row["ID per tie seed"] = seeds.mean(1).tolist()
-            row["errors"] = dict(Counter(errors["error@0.5"]))
+            headline = "error@calibrated" if "error@calibrated" in errors else "error@0.5"
+            row["errors"] = dict(Counter(errors[headline]))
             row["error sweep"] = {t: dict(Counter(errors[f"error@{t}"])) for t in THRESHOLDS}
             row["per_image_ID"] = seeds.mean(0).tolist()
-            row["per_image_error"] = errors["error@0.5"]
+            row["per_image_error"] = errors[headline]
             row["seconds"] = time.perf_counter() - t0
             table[name] = row
             all_maps[name] = torch.cat(maps)
@@ -402,7 +435,7 @@ def _run_rows(rows: dict[str, Method | MethodOutput], models: Models, x: torch.T
 def evaluate(n_images: int = 200, seed: int = 0, batch_size: int = 50, rise_masks: int = 1000,
              only: list[str] | None = None, progress: bool = True, points: int = 100,
              model: str = "bundled", target: str = "predicted", tie_seeds: int = 5,
-             on_partial: Any = None) -> Evaluation:
+             on_partial: Any = None, abn: bool = True) -> Evaluation:
     """Run every method on ``n_images`` generated test images and score their maps.
 
     ``on_partial(result)``, if given, is called after every method with the result so far
@@ -413,7 +446,12 @@ def evaluate(n_images: int = 200, seed: int = 0, batch_size: int = 50, rise_mask
     ``"bundled:vit_w64"`` (the ViT layout: its own rows, ``vit_methods``, no ABN block). ``target``:
     ``"predicted"`` (default; every method explains the model's predicted class, as the ECCV
     code does) or ``"ground_truth"``. ``tie_seeds``: seeds of the tie-robust insertion/deletion.
-    The ABN attention runs in its own block, scored with the ABN model (its own prediction).
+    The ABN attention runs in its own block, scored with the ABN model (its own prediction),
+    when ``abn`` is True and the images are 64 px (the ABN model's size).
+
+    The images are the model's size (its metadata's ``image_size``: 64, or 224 for
+    ``bundled:resnet50_224_w8_seed<k>``). The IA/OA/WA labels of the table use thresholds
+    calibrated on the validation split (``calibrate_thresholds``); the sweep keeps fixed ones.
     """
     from lrpfx.eval.datasets import ShapesDataset
     from lrpfx.cli.loading import load_model
@@ -425,7 +463,10 @@ def evaluate(n_images: int = 200, seed: int = 0, batch_size: int = 50, rise_mask
         raise ValueError(f"target={target!r}. Hint: use 'predicted' or 'ground_truth'.")
     loaded = load_model(model)
     net = loaded.model
-    data = ShapesDataset("test", n=n_images, seed=seed, normalize=True, return_mask=True)
+    size = loaded.size
+    data = ShapesDataset("test", n=n_images, seed=seed, size=size, normalize=True, return_mask=True)
+    calibration = calibrate_thresholds(size, seed)
+    calibrated = (calibration["p0"], calibration["c0"])
     samples = [data[i] for i in range(n_images)]
     x = torch.stack([s[0] for s in samples])
     truth = torch.tensor([int(s[1]) for s in samples])
@@ -445,32 +486,37 @@ def evaluate(n_images: int = 200, seed: int = 0, batch_size: int = 50, rise_mask
     family = model_family(net)
     main_rows = {k: v for k, v in {**methods(rise_masks, family), **controls}.items() if wanted(k)}
     abn_rows = {k: v for k, v in {ABN_ROWS[0]: _abn, ABN_ROWS[1]: controls[BLOB],
-                                  ABN_ROWS[2]: controls["Ground-truth mask"]}.items() if wanted(k) and family == "resnet"}
+                                  ABN_ROWS[2]: controls["Ground-truth mask"]}.items()
+                if wanted(k) and family == "resnet" and abn and size == 64}
     bar = _progress((len(main_rows) + len(abn_rows)) * n_images, not progress)
     header = {"n_images": n_images, "seed": seed, "model": loaded.name,
               "model_accuracy_on_these": float((predicted == truth).float().mean()),
               "target": target, "insertion_deletion_points": points, "tie_seeds": list(seeds),
               "pointing_tolerance_px": max(1.0, 15 * x.shape[-1] / 224), "rise_masks": rise_masks,
               "c3_options": {r: c3_options(r) for r in ("mass", "opencv_order")},
-              "error_thresholds": list(THRESHOLDS)}
+              "error_thresholds": list(THRESHOLDS), "error_thresholds_calibrated": calibration,
+              "image_size": size}
     if family == "vit":
         header["skipped"] = dict(VIT_SKIPPED)
+    elif not abn_rows and (not abn or size != 64):
+        header["skipped"] = {"ABN block": "the ABN model is trained at 64 px only" if size != 64 else
+                             "left out by the caller (--no-abn)"}
     report = None if on_partial is None else (
         lambda t: on_partial({**header, "partial": True, "methods": t, "abn": None}))
     table, all_maps = _run_rows(main_rows, models, x, explained, masks, loaded.mean, loaded.std, batch_size,
-                                points, seeds, bar, progress, report)
+                                points, seeds, bar, progress, report, calibrated)
     abn_info = None
     if abn_rows:
-        abn = load_bundled("abn_resnet50_w16")
+        abn_net = load_bundled("abn_resnet50_w16")
         with torch.no_grad():
-            abn_pred = torch.cat([abn(x[i:i + 100]).argmax(1) for i in range(0, n_images, 100)])
-        abn_models = Models(abn, inference_model(abn, x[:8]))
+            abn_pred = torch.cat([abn_net(x[i:i + 100]).argmax(1) for i in range(0, n_images, 100)])
+        abn_models = Models(abn_net, inference_model(abn_net, x[:8]))
         abn_accuracy = float((abn_pred == truth).float().mean())
         abn_report = None if on_partial is None else (lambda t: on_partial(
             {**header, "partial": True, "methods": table, "abn": {"accuracy_on_these": abn_accuracy, "methods": t}}))
         abn_table, abn_maps = _run_rows(abn_rows, abn_models, x, abn_pred if target == "predicted" else truth,
                                         masks, loaded.mean, loaded.std, batch_size, points, seeds, bar, progress,
-                                        abn_report)
+                                        abn_report, calibrated)
         all_maps.update(abn_maps)
         abn_info = {"accuracy_on_these": abn_accuracy, "methods": abn_table}
     bar.close()
@@ -520,12 +566,23 @@ NO_MARK = ("sum R / top",)
 
 
 def _header(result: dict[str, Any]) -> list[str]:
-    tol = result.get("pointing_tolerance_px", 4.29)
+    tol = result.get("pointing_tolerance_px") or 15 * (result.get("image_size") or 64) / 224
     names = {"Pointing": "Point (tol 0)", "Pointing (tol)": f"Point ({tol:.1f} px)", "ID": "**ID**",
              "RMA (signed)": "RMA±", "RRA (signed)": "RRA±"}
     cols = [names.get(c, c) for c in COLUMNS]
     return [f"| method | {' | '.join(cols)} | ID over tie seeds | OK / IA / OA / WA |",
             "|---" * (len(COLUMNS) + 3) + "|"]
+
+
+def _cell(c: str, row: dict[str, Any]) -> str:
+    """One cell: mean ± standard error over images, or for a combined run mean ± std over the
+    training seeds with the mean standard error over images in parentheses."""
+    m, spread = row[c]
+    scale, fmt = (1, "{:.3f}") if c == "sum R / top" else (100, "{:.1f}")
+    cell = f"{fmt.format(scale * m)} ± {fmt.format(scale * spread)}"
+    if "se_images" in row and c in row["se_images"]:
+        cell += f" ({fmt.format(scale * row['se_images'][c])})"
+    return cell
 
 
 def _rows(rows: dict[str, Any], blob: dict[str, Any] | None) -> list[str]:
@@ -539,8 +596,8 @@ def _rows(rows: dict[str, Any], blob: dict[str, Any] | None) -> list[str]:
             if c not in row:
                 cells.append("-")
                 continue
-            m, se = row[c]
-            cell = f"{m:.3f} ± {se:.3f}" if c == "sum R / top" else f"{100 * m:.1f} ± {100 * se:.1f}"
+            m = row[c][0]
+            cell = _cell(c, row)
             if blob is not None and row is not blob and c not in NO_MARK and c in blob and not math.isnan(m):
                 b = blob[c][0]
                 if (m >= b) if c in LOWER_IS_BETTER else (m <= b):
@@ -554,18 +611,33 @@ def _rows(rows: dict[str, Any], blob: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def _legend(result: dict[str, Any]) -> list[str]:
+    cal = result.get("error_thresholds_calibrated")
+    labels = (f"OK / IA / OA / WA: counts at the calibrated p0 = {cal['p0']}, c0 = {cal['c0']} ({cal['rule']})"
+              if cal else "OK / IA / OA / WA: counts at p0 = c0 = 0.5")
+    if result.get("combined"):
+        spread = (f"mean ± std over {len(result['runs'])} training seeds (mean standard error over the "
+                  f"{result['n_images']} images of a seed in parentheses); counts summed over the seeds")
+    else:
+        spread = f"mean ± standard error over {result.get('n_images', 'the')} images"
+    return [f"*{spread}; in %, except sum R / top. † marks a value no better than the content-free centred "
+            f"blob's. {labels}.*", ""]
+
+
 def markdown(result: dict[str, Any]) -> str:
-    """The results tables: mean ± standard error over images in %, † where a method does not
-    beat the centred Gaussian blob of its block; the ABN block (scored with the ABN model);
-    and the IA/OA/WA counts at every threshold of the sweep."""
-    lines = _header(result) + _rows(result["methods"], result["methods"].get(BLOB))
+    """The results tables: mean ± standard error over images in % (for a combined run: mean ±
+    std over training seeds, the standard error over images in parentheses), † where a method
+    does not beat the centred Gaussian blob of its block; the ABN block (scored with the ABN
+    model); and the IA/OA/WA counts at every threshold of the sweep."""
+    lines = _legend(result) + _header(result) + _rows(result["methods"], result["methods"].get(BLOB))
     if result.get("partial"):  # written while the run goes on: the rows so far
         lines = ["*Partial: the run is still going (or was interrupted); these are the methods done so far.*",
                  ""] + lines
     abn = result.get("abn")
     if abn and abn.get("methods"):
         lines += ["", f"ABN block (maps scored with the ABN model, {100 * abn['accuracy_on_these']:.1f}% correct "
-                      "on these images):", ""]
+                      "on these images" + ("; one ABN model, so mean ± standard error over images" if result.get("combined")
+                                           else "") + "):", ""]
         lines += _header(result) + _rows(abn["methods"], abn["methods"].get(ABN_ROWS[1]))
     sweep = [(n, r) for n, r in {**result["methods"], **((abn or {}).get("methods") or {})}.items() if "failed" not in r]
     if sweep:
@@ -581,6 +653,61 @@ def markdown(result: dict[str, Any]) -> str:
     if result.get("skipped"):
         lines += ["", "Rows not run for this model:", ""] + [f"- {k}: {v}." for k, v in result["skipped"].items()]
     return "\n".join(lines)
+
+
+def _sum_counts(counts: list[dict[str, int]]) -> dict[str, int]:
+    total: Counter = Counter()
+    for c in counts:
+        total.update(c)
+    return dict(total)
+
+
+def combine(results: list[dict[str, Any]], names: list[str] | None = None) -> dict[str, Any]:
+    """One result from runs of the same protocol on models trained from different seeds.
+
+    Every metric cell becomes (mean over runs of the per-run means, std over runs), with the
+    runs' mean standard error over images under ``se_images``; label counts are summed; the
+    ABN block is taken from the run that has one (there is one ABN model). The runs must share
+    the images, points, tie seeds and target, which is checked.
+    """
+    if len(results) < 2:
+        raise ValueError(f"combine needs at least 2 runs, got {len(results)}. Hint: pass one results.json per seed.")
+    same = ("n_images", "seed", "target", "insertion_deletion_points", "tie_seeds", "image_size", "rise_masks")
+    for key in same:
+        values = {json.dumps(r.get(key)) for r in results}
+        if len(values) > 1:
+            raise ValueError(f"the runs differ in {key!r} ({', '.join(sorted(values))}); they cannot be combined. "
+                             "Hint: run every seed with the same lrpfx eval options.")
+    methods: dict[str, Any] = {}
+    for name in results[0]["methods"]:
+        rows = [r["methods"].get(name, {"failed": "missing"}) for r in results]
+        failed = [row["failed"] for row in rows if "failed" in row]
+        if failed:
+            methods[name] = {"failed": failed[0]}
+            continue
+        row: dict[str, Any] = {"se_images": {}}
+        for c in COLUMNS:
+            if c not in rows[0]:
+                continue
+            means = torch.tensor([float(r[c][0]) for r in rows], dtype=torch.float64)
+            row[c] = (float(means.mean()), float(means.std()) if len(means) > 1 else 0.0)
+            row["se_images"][c] = float(torch.tensor([float(r[c][1]) for r in rows]).mean())
+        row["ID per run"] = [float(r["ID"][0]) for r in rows]
+        row["ID per tie seed"] = [v for r in rows for v in r["ID per tie seed"]]
+        row["errors"] = _sum_counts([r["errors"] for r in rows])
+        row["error sweep"] = {str(t): _sum_counts([r["error sweep"].get(str(t), r["error sweep"].get(t, {}))
+                                                   for r in rows]) for t in results[0].get("error_thresholds", THRESHOLDS)}
+        methods[name] = row
+    abn = next((r["abn"] for r in results if r.get("abn")), None)
+    first = results[0]
+    return {**{k: first.get(k) for k in same}, "combined": True,
+            "runs": names or [r.get("model") for r in results], "model": ", ".join(r.get("model", "?") for r in results),
+            "model_accuracy_on_these": [r.get("model_accuracy_on_these") for r in results],
+            "pointing_tolerance_px": first.get("pointing_tolerance_px"), "c3_options": first.get("c3_options"),
+            "error_thresholds": first.get("error_thresholds", list(THRESHOLDS)),
+            "error_thresholds_calibrated": first.get("error_thresholds_calibrated"),
+            "skipped": first.get("skipped"), "methods": methods, "abn": abn,
+            "seconds": sum(r.get("seconds", 0.0) for r in results)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -602,7 +729,25 @@ def main(argv: list[str] | None = None) -> int:
                    help="seeds of the tie-robust insertion/deletion (default: %(default)s)")
     p.add_argument("--out", default="lrpfx-eval", help="directory for results.json, results.md and best_worst.png")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-abn", action="store_true", help="leave out the ABN block (one ABN model serves every seed)")
+    p.add_argument("--combine", nargs="+", metavar="DIR",
+                   help="combine finished runs (one folder with results.json per training seed) into one table "
+                        "of mean ± std over seeds in --out; runs nothing else")
     args = p.parse_args(argv)
+    if args.combine:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            runs = [json.loads((Path(d) / "results.json").read_text()) for d in args.combine]
+            result = combine(runs, [str(d) for d in args.combine])
+        except (OSError, ValueError) as e:
+            p.error(str(e))
+        result["command"] = "lrpfx eval " + " ".join(argv if argv is not None else sys.argv[1:])
+        (out / "results.json").write_text(json.dumps(result, indent=1))
+        (out / "results.md").write_text(markdown(result) + "\n")
+        print(markdown(result))
+        print(f"wrote {out / 'results.json'}, {out / 'results.md'}")
+        return 0
     for flag, value, low in (("--images", args.images, 1), ("--rise-masks", args.rise_masks, 1),
                              ("--points", args.points, 1), ("--tie-seeds", args.tie_seeds, 1)):
         if value < low:
@@ -626,7 +771,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ev = evaluate(n, args.seed, rise_masks=masks, only=args.only, points=points,
                       progress=not args.no_progress, model=args.model, target=args.target, tie_seeds=tie_seeds,
-                      on_partial=write)
+                      on_partial=write, abn=not args.no_abn)
     except ValueError as e:
         p.error(str(e))
     result = ev.result

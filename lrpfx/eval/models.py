@@ -7,6 +7,10 @@
   (same attribute names, same ``forward``), so every tool that handles torchvision's
   ResNet-50 handles it.
 * ``bundled_resnet18``: the same with ``BasicBlock`` and blocks [2, 2, 2, 2].
+* ``bundled_resnet_224``: the ResNet-50 layout for 224 x 224 inputs with torchvision's own
+  stem (7 x 7 stride-2 convolution, max-pool), so the stages run at 56, 28, 14 and 7 pixels
+  as in ResNet-50 on ImageNet and C3's default 28 x 28 grid is ``layer2``'s (224 / 8), as in
+  the poster and the ECCV paper.
 * ``ABNResNet``: an Attention Branch Network (Fukui et al., "Attention Branch Network:
   Learning of Attention Mechanism for Visual Explanation", CVPR 2019) on the same trunk.
   Its attention map is its explanation.
@@ -18,6 +22,7 @@
 from __future__ import annotations
 
 import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -81,6 +86,15 @@ def bundled_resnet(num_classes: int = 8, width: int = 16) -> NarrowResNet:
     """The ResNet-50 layout (Bottleneck, [3, 4, 6, 3]) at stage width ``width``; about 1.5 M
     parameters at width 16."""
     return NarrowResNet(Bottleneck, [3, 4, 6, 3], num_classes, width)
+
+
+def bundled_resnet_224(num_classes: int = 8, width: int = 8) -> NarrowResNet:
+    """The ResNet-50 layout with torchvision's 224-px stem (7 x 7 stride-2 convolution and
+    max-pool) at stage width ``width``; about 0.4 M parameters at width 8."""
+    model = NarrowResNet(Bottleneck, [3, 4, 6, 3], num_classes, width)
+    model.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    return model
 
 
 def bundled_resnet18(num_classes: int = 8, width: int = 16) -> NarrowResNet:
@@ -170,20 +184,25 @@ def bundled_vit(num_classes: int = 8, width: int = 64) -> VisionTransformer:
 
 ARCHITECTURES = {
     "resnet50": bundled_resnet,
+    "resnet50_224": bundled_resnet_224,
     "resnet18": bundled_resnet18,
     "abn_resnet50": bundled_abn,
     "vit": bundled_vit,
 }
-"""Builders by architecture name; bundled names are ``<arch>_w<width>`` (``resnet50_w16``)."""
+"""Builders by architecture name; bundled names are ``<arch>_w<width>`` (``resnet50_w16``),
+optionally with the training seed, ``<arch>_w<width>_seed<k>`` (``resnet50_w8_seed1``)."""
+
+_NAME = re.compile(r"(?P<arch>.+)_w(?P<width>\d+)(?:_seed\d+)?")
 
 
 def build(name: str, num_classes: int = 8) -> nn.Module:
-    """An untrained model from a bundled name such as ``resnet50_w16`` or ``abn_resnet50_w16``."""
-    arch, _, w = name.rpartition("_w")
-    if arch not in ARCHITECTURES or not w.isdigit():
-        raise ValueError(f"unknown model name {name!r}. Hint: use <arch>_w<width> with arch in "
-                         f"{sorted(ARCHITECTURES)}, e.g. 'resnet50_w16'.")
-    return ARCHITECTURES[arch](num_classes=num_classes, width=int(w))
+    """An untrained model from a bundled name such as ``resnet50_w16``, ``abn_resnet50_w16`` or
+    ``resnet50_224_w8_seed2`` (the seed names the weights, not the architecture)."""
+    m = _NAME.fullmatch(name)
+    if m is None or m["arch"] not in ARCHITECTURES:
+        raise ValueError(f"unknown model name {name!r}. Hint: use <arch>_w<width>[_seed<k>] with arch in "
+                         f"{sorted(ARCHITECTURES)}, e.g. 'resnet50_w16' or 'resnet50_w8_seed1'.")
+    return ARCHITECTURES[m["arch"]](num_classes=num_classes, width=int(m["width"]))
 
 
 def weights_dir() -> Path:
