@@ -89,8 +89,11 @@ def _transpose(s: torch.Tensor, weight: torch.Tensor, in_shape: Sequence[int],
         return s @ weight
     assert padding is not None and dilation is not None
     nd = weight.dim() - 2
-    if any(st > 1 for st in stride) and all(k == 1 for k in weight.shape[2:]) and not any(padding):
-        return _strided_pointwise_transpose(s, weight, in_shape, stride, groups)
+    if all(k == 1 for k in weight.shape[2:]) and not any(padding):
+        if any(st > 1 for st in stride):
+            return _strided_pointwise_transpose(s, weight, in_shape, stride, groups)
+        if _is_matmul(s, groups):
+            return _pointwise_transpose(s, weight)
     if torch.compiler.is_exporting():
         return _transpose_any_size(s, weight, in_shape, stride, padding, dilation, groups)
     out_pad = [
@@ -125,10 +128,26 @@ def _strided_pointwise_transpose(s: torch.Tensor, weight: torch.Tensor, in_shape
     """W^T s for a 1x1 convolution with stride > 1 (a ResNet projection): W^T s at the output's
     resolution, written into every stride-th input position, zeros elsewhere. The same sums as the
     strided transposed convolution, which PyTorch's CPU backend runs several times slower."""
-    small = _CONV_T[weight.dim() - 2](s, weight, None, 1, 0, 0, groups)
+    small = (_pointwise_transpose(s, weight) if _is_matmul(s, groups)
+             else _CONV_T[weight.dim() - 2](s, weight, None, 1, 0, 0, groups))
     out = small.new_zeros((s.shape[0], small.shape[1], *in_shape[2:]))
     out[(slice(None), slice(None), *(slice(None, None, st) for st in stride))] = small
     return out
+
+
+def _is_matmul(s: torch.Tensor, groups: int) -> bool:
+    """Whether a 1x1 transposed layer runs as a matrix product (:func:`_pointwise_transpose`): on the
+    CPU, one group, the relevance in the default memory layout (a static fact of the graph)."""
+    return s.device.type == "cpu" and groups == 1 and s.is_contiguous()
+
+
+def _pointwise_transpose(s: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """W^T s for a 1x1 convolution with stride 1: a matrix product over the channels at every position.
+    The same sums as the transposed convolution, which PyTorch's CPU backend runs up to 3x slower
+    (its 1x1 deconvolution is not a plain matrix product)."""
+    n, c_out = s.shape[0], s.shape[1]
+    w = weight.reshape(c_out, -1)  # (out, in)
+    return torch.matmul(w.t(), s.reshape(n, c_out, -1)).reshape(n, w.shape[1], *s.shape[2:])
 
 
 # --------------------------------------------------------------------------- compile-time constants
@@ -403,9 +422,10 @@ def _input_channel_bound(value: Sequence[float] | float, weight: torch.Tensor, g
 @constant("box")
 def box_weight(weight: torch.Tensor, *, low: Sequence[float] | float, high: Sequence[float] | float,
                groups: int = 1) -> torch.Tensor:
-    """W_box = l_c w+ + h_c w-, per input channel c: both bound terms of the z^B rule in one weight."""
+    """[W, W_box] stacked along the input channels (per group), W_box = l_c w+ + h_c w- per input channel c:
+    the z^B rule's weight and both of its bound terms, so that one transposed layer gives both products."""
     lo, hi = _input_channel_bound(low, weight, groups), _input_channel_bound(high, weight, groups)
-    return weight.clamp(min=0) * lo + weight.clamp(max=0) * hi
+    return torch.cat([weight, weight.clamp(min=0) * lo + weight.clamp(max=0) * hi], dim=1)
 
 
 def zbox(a: torch.Tensor, rel: torch.Tensor, weight: torch.Tensor, w_box: torch.Tensor, *, eps: float, stride: Sequence[int] | None = None,
@@ -415,17 +435,22 @@ def zbox(a: torch.Tensor, rel: torch.Tensor, weight: torch.Tensor, w_box: torch.
 
     R_j = sum_k (a_j w_jk - l_j w+_jk - h_j w-_jk) / z_k R_k, with ``l``/``h`` the lowest and
     highest (normalized) input values per channel, zero-padded like the input; biases cancel.
-    Both bound terms fold into one weight ``w_box = l w+ + h w-`` (:func:`box_weight`), and their
-    input is a constant, so z = W a - W_box 1 takes one convolution of ``a`` and one of a single
-    all-ones sample broadcast over the batch, and R = a * W^T s - W_box^T s two transposed ones
-    (where the three-term form takes three of each at full batch). One transposed layer of
-    [W, W_box] stacked along the input channels measured no faster on ResNet-50, so it is not used.
+    Both bound terms fold into one weight W_box = l w+ + h w-, and their input is a constant, so
+    z = W a - W_box 1 takes one convolution of ``a`` and one of a single all-ones sample broadcast
+    over the batch. ``w_box`` is [W, W_box] stacked along the input channels (:func:`box_weight`):
+    one transposed layer gives W^T s and W_box^T s together, R = a * W^T s - W_box^T s (where the
+    three-term form takes three convolutions and three transposed ones at full batch). On a first
+    layer of few input channels the transposed layer's cost hardly depends on how many channels it
+    writes, so the stacked one costs about what one of the two separate ones did.
     """
     geo = (stride, padding, dilation, groups)
-    bound = _forward(_ones_sample(a), w_box, None, *geo)  # the same for every sample
+    per_group = weight.shape[1]
+    bound = _forward(_ones_sample(a), w_box[:, per_group:], None, *geo)  # the same for every sample
     z = _forward(a, weight, None, *geo).sub_(bound)  # in place: a fresh output
     s = rel / stabilize(z, eps)
-    return _transpose(s, weight, a.shape, *geo).mul_(a).sub_(_transpose(s, w_box, a.shape, *geo))
+    both = _transpose(s, w_box, (a.shape[0], 2 * a.shape[1], *a.shape[2:]), *geo)
+    both = both.unflatten(1, (groups, 2, per_group))  # per group: W^T s, then W_box^T s
+    return (both[:, :, 0].flatten(1, 2) * a).sub_(both[:, :, 1].flatten(1, 2))  # contiguous, like ``a``
 
 
 def flat(a: torch.Tensor, rel: torch.Tensor, ones_w: torch.Tensor, *, eps: float,

@@ -351,9 +351,10 @@ def test_zbox_one_weight_rewrite_equals_the_three_term_form(geo: dict, dtype: to
 
 
 @pytest.mark.parametrize("size", [(8, 8), (9, 7)])
-@pytest.mark.parametrize("stride,groups", [((2, 2), 1), ((3, 2), 1), ((2, 2), 2)])
-def test_strided_pointwise_transpose_is_the_vjp(size: tuple, stride: tuple, groups: int) -> None:
-    """A 1x1 strided convolution's transpose (computed at low resolution and scattered) is its VJP."""
+@pytest.mark.parametrize("stride,groups", [((2, 2), 1), ((3, 2), 1), ((2, 2), 2), ((1, 1), 1), ((1, 1), 2)])
+def test_pointwise_transpose_is_the_vjp(size: tuple, stride: tuple, groups: int) -> None:
+    """A 1x1 convolution's transpose (a matrix product over the channels on the CPU; strided: computed at
+    low resolution and scattered) is its VJP."""
     a = torch.randn(2, 4, *size, dtype=torch.float64)
     w = torch.randn(6, 4 // groups, 1, 1, dtype=torch.float64)
     geo = dict(stride=stride, padding=(0, 0), dilation=(1, 1), groups=groups)
