@@ -23,9 +23,9 @@ import torch.fx as fx
 from lrpfx.compiler.analysis import analyze, facts
 from lrpfx.compiler.codegen import RelevanceNetwork
 from lrpfx.compiler.match import Plan
-from lrpfx.compiler.ops import OpBuilder, input_spec
+from lrpfx.compiler.ops import OpBuilder, input_spec, pair
 from lrpfx.errors import LrpfxError
-from lrpfx.relevance import kernels
+from lrpfx.relevance import adjoints, kernels
 from lrpfx.relevance.base import Call
 
 
@@ -63,8 +63,31 @@ class Emitter:
                 self.env[n] = self.graph.create_node("call_function", torch.relu_, (self.env[n.args[0]],),
                                                      name=n.name)
                 continue
+            if self._keeps_indices(n):
+                self._max_pool_with_indices(n)
+                continue
             self.env[n] = self.graph.node_copy(n, lambda a: self.env[a])
         return target, self.env[self.plan.output]
+
+    def _keeps_indices(self, n: fx.Node) -> bool:
+        """Whether ``n`` is a 2-D max-pool whose own rule routes by its argmax (winner takes all): the
+        forward then keeps the indices, which it computes anyway, instead of the rule recomputing them."""
+        a = self.plan.assignments.get(n)
+        if a is None or a.block is not None or a.anchor is not n or a.rule.name != "wta" or n.op != "call_module":
+            return False
+        m = self.gm.get_submodule(str(n.target))
+        return type(m) is torch.nn.MaxPool2d and not m.return_indices
+
+    def _max_pool_with_indices(self, n: fx.Node) -> None:
+        m = self.gm.get_submodule(str(n.target))
+        geo = {k: pair(getattr(m, k) if getattr(m, k) is not None else m.kernel_size)
+               for k in ("kernel_size", "stride", "padding", "dilation")}
+        both = self.graph.create_node("call_function", kernels.max_pool_with_indices, (self.env[n.args[0]],),
+                                      {**geo, "ceil_mode": bool(m.ceil_mode)}, name=f"{n.name}_with_indices")
+        self.env[n] = self.graph.create_node("call_function", operator.getitem, (both, 0), name=n.name)
+        self.env[n].meta = dict(n.meta)
+        indices = self.graph.create_node("call_function", operator.getitem, (both, 1), name=f"{n.name}_indices")
+        self.ops.kept[n] = {"indices": indices}
 
     def relevance(self, target: fx.Node, logits: fx.Node) -> fx.Node:
         """Emit the relevance pass; returns the node holding the input relevance."""
@@ -146,8 +169,21 @@ class Emitter:
         total = shares[0][1]
         for i, (_, s) in enumerate(shares[1:]):
             name = f"{self._prefix}_{n.name}" if i == len(shares) - 2 else None
-            total = self._node(Call(operator.add, (total, s)), name, {"rule": "sum of shares"})
+            total = self._sum(total, s, name)
         return total
+
+    def _sum(self, a: fx.Node, b: fx.Node, name: str | None) -> fx.Node:
+        """a + b; where one of them is a product share ``times(s, h, factor)`` used by nothing else (a
+        residual sum's skip share), the product and the sum become one ``plus_times`` (one pass, not two)."""
+        for prod, other in ((a, b), (b, a)):
+            if isinstance(prod, fx.Node) and prod.target is adjoints.times and not prod.users \
+                    and isinstance(other, fx.Node):
+                node = self.graph.create_node("call_function", adjoints.plus_times, (other, *prod.args), name=name)
+                rule = prod.meta["lrpfx"]["rule"]
+                node.meta["lrpfx"] = {**prod.meta["lrpfx"], "rule": f"{rule}, plus its other share"}
+                self.graph.erase_node(prod)
+                return node
+        return self._node(Call(operator.add, (a, b)), name, {"rule": "sum of shares"})
 
     def _node(self, call: Call, name: str | None, meta: dict[str, str]) -> fx.Node:
         args = tuple(self._materialize(a, meta) for a in call.args)

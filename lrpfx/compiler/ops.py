@@ -28,6 +28,7 @@ class OpBuilder:
     def __init__(self, plan: Plan, env: dict[fx.Node, Any], param: Callable[[fx.Node, str], Any]) -> None:
         self.plan, self.gm, self.env, self.param = plan, plan.gm, env, param
         self.pathset = set(plan.path)
+        self.kept: dict[fx.Node, dict[str, Any]] = {}  # values the forward replay kept for a rule (attrs)
 
     def op(self, n: fx.Node, rel: Any) -> Op:
         """The op of a node bound by a single-op pattern."""
@@ -47,6 +48,7 @@ class OpBuilder:
             op.attrs["transpose"] = transpose_of(n, ins, self.env, self.gm, kind, self.param)
         if facts(n)["rectified"]:
             op.attrs["z_rectified"] = True
+        op.attrs.update(self.kept.get(n, {}))
         return op
 
     def block_op(self, a: Assignment, rel: Any) -> Op:

@@ -147,6 +147,14 @@ def times(s: torch.Tensor, a: torch.Tensor, factor: Any) -> torch.Tensor:
     return sum_to(s * factor, a.shape)
 
 
+def plus_times(total: torch.Tensor, s: torch.Tensor, a: torch.Tensor, factor: Any) -> torch.Tensor:
+    """``total + times(s, a, factor)``: one pass (``addcmul``) where the product already has ``a``'s
+    and ``total``'s shape, e.g. a residual sum's skip share added to the other share of its input."""
+    if isinstance(factor, torch.Tensor) and s.shape == factor.shape == a.shape == total.shape:
+        return torch.addcmul(total, s, factor)
+    return total + times(s, a, factor)
+
+
 def divided(s: torch.Tensor, a: torch.Tensor, divisor: Any) -> torch.Tensor:
     """Transpose of z = a / divisor: ``sum_to(s / divisor)``."""
     return sum_to(s / divisor, a.shape)

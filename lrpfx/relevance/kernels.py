@@ -447,7 +447,7 @@ def zbox(a: torch.Tensor, rel: torch.Tensor, weight: torch.Tensor, w_box: torch.
     per_group = weight.shape[1]
     bound = _forward(_ones_sample(a), w_box[:, per_group:], None, *geo)  # the same for every sample
     z = _forward(a, weight, None, *geo).sub_(bound)  # in place: a fresh output
-    s = rel / stabilize(z, eps)
+    s = _div_stabilized(rel, z, eps)
     both = _transpose(s, w_box, (a.shape[0], 2 * a.shape[1], *a.shape[2:]), *geo)
     both = both.unflatten(1, (groups, 2, per_group))  # per group: W^T s, then W_box^T s
     return (both[:, :, 0].flatten(1, 2) * a).sub_(both[:, :, 1].flatten(1, 2))  # contiguous, like ``a``
@@ -597,6 +597,19 @@ def maxpool_wta(a: torch.Tensor, rel: torch.Tensor, *, kernel_size: Sequence[int
     return _route(a, idx, rel)
 
 
+def max_pool_with_indices(a: torch.Tensor, *, kernel_size: Sequence[int], stride: Sequence[int],
+                          padding: Sequence[int], dilation: Sequence[int],
+                          ceil_mode: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward's max pooling with the argmax indices kept for :func:`maxpool_wta_indexed`: the
+    kernel the CPU runs for a max-pool anyway, so the backward need not run it again."""
+    return F.max_pool2d(a, kernel_size, stride, padding, dilation, ceil_mode, return_indices=True)
+
+
+def maxpool_wta_indexed(a: torch.Tensor, rel: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Max pooling, winner takes all (:func:`maxpool_wta`), at the argmax ``indices`` of the forward."""
+    return _route(a, indices, rel)
+
+
 def adaptive_maxpool_wta(a: torch.Tensor, rel: torch.Tensor, *, output_size: Sequence[int | None]) -> torch.Tensor:
     """Adaptive max pooling, winner takes all (as :func:`maxpool_wta`)."""
     _, idx = F.adaptive_max_pool2d(a, output_size, return_indices=True)
@@ -617,10 +630,18 @@ def add_split(u: torch.Tensor, rel: torch.Tensor, *, eps: float) -> torch.Tensor
     it differs from sign(0) = +1 only at u = -0.0, which a sum reaches only when every summand
     is a zero, so every share h_i * factor is 0 either way.
     """
-    if effective_eps(eps, u.dtype) == 0.0 or not _in_place(rel, u):  # (copysign's backward reads its output)
-        return rel / stabilize(u, eps)
-    den = torch.copysign(u.new_full((), effective_eps(eps, u.dtype)), u)  # fresh, u's shape
-    return torch.div(rel, den.add_(u), out=den)
+    return _div_stabilized(rel, u, eps)
+
+
+def _div_stabilized(rel: torch.Tensor, z: torch.Tensor, eps: float) -> torch.Tensor:
+    """``rel / stabilize(z, eps)``, in eager mode with the stabilizer's sign by ``copysign``: one
+    vectorized pass and two in place, where the comparison, the select and the sum take three.
+    It differs from sign(0) = +1 only at z = -0.0, which a sum reaches only when every summand is
+    a zero (a product with a zero input), whose share of the quotient is then 0 either way."""
+    if effective_eps(eps, z.dtype) == 0.0 or not _in_place(rel, z):  # (copysign's backward reads its output)
+        return rel / stabilize(z, eps)
+    den = torch.copysign(z.new_full((), effective_eps(eps, z.dtype)), z)  # fresh, z's shape
+    return torch.div(rel, den.add_(z), out=den)
 
 
 def reshape_as(rel: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

@@ -351,6 +351,8 @@ class WinnerTakesAll(Rule):
         if "output_size" in op.attrs:  # adaptive max pooling
             return (Call(kernels.adaptive_maxpool_wta, (op.inputs[0], op.rel),
                          {"output_size": op.attrs["output_size"]}),)
+        if "indices" in op.attrs:  # the forward kept the argmax of every window
+            return (Call(kernels.maxpool_wta_indexed, (op.inputs[0], op.rel, op.attrs["indices"])),)
         return (Call(kernels.maxpool_wta, (op.inputs[0], op.rel),
                      {k: op.attrs[k] for k in ("kernel_size", "stride", "padding", "dilation", "ceil_mode")}),)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lrpfx.relevance import rules
+from lrpfx.relevance import kernels, rules
 from lrpfx.relevance.rules import Op
 
 torch.manual_seed(0)
@@ -362,3 +362,23 @@ def test_pointwise_transpose_is_the_vjp(size: tuple, stride: tuple, groups: int)
     from lrpfx.relevance import kernels
     ours = kernels._transpose(s, w, a.shape, geo["stride"], geo["padding"], geo["dilation"], groups)
     assert torch.allclose(ours, torch.nn.grad.conv2d_input(a.shape, w, s, **geo), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("factor_shape", [(2, 3, 4, 4), (1, 3, 1, 1)], ids=["same_shape", "broadcast"])
+def test_plus_times_is_the_sum_of_the_share_and_the_product(factor_shape: tuple) -> None:
+    """A residual sum's skip share folded into the sum of shares (one addcmul) equals the two steps."""
+    from lrpfx.relevance import adjoints
+    total, s, a = (torch.randn(2, 3, 4, 4, dtype=torch.float64) for _ in range(3))
+    factor = torch.randn(*factor_shape, dtype=torch.float64)
+    expected = total + adjoints.times(s, a, factor)
+    assert torch.allclose(adjoints.plus_times(total, s, a, factor), expected, rtol=1e-14, atol=1e-15)
+
+
+def test_maxpool_wta_at_the_forward_indices_is_the_gradient() -> None:
+    """Routing by the indices the forward kept equals autograd's max-pool backward."""
+    a = torch.randn(2, 3, 9, 9, dtype=torch.float64, requires_grad=True)
+    geo = dict(kernel_size=(3, 3), stride=(2, 2), padding=(1, 1), dilation=(1, 1), ceil_mode=False)
+    out, idx = kernels.max_pool_with_indices(a, **geo)
+    r = torch.randn_like(out)
+    grad, = torch.autograd.grad(F.max_pool2d(a, **geo), a, r)
+    assert torch.equal(kernels.maxpool_wta_indexed(a.detach(), r, idx), grad)
