@@ -819,45 +819,40 @@ def _to(v: Any, dtype: torch.dtype) -> Any:
     return v
 
 
-def _off_masks(acts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Where each ReLU of the block is off (its output is 0; ReLU outputs are never negative)."""
-    return [a == 0 for a in acts]
-
-
 def _block_transpose(g: torch.Tensor, x: torch.Tensor, acts: Sequence[torch.Tensor],
                      weights: Sequence[torch.Tensor], geometry: Sequence[Geo],
-                     gate: torch.Tensor | None = None, off: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+                     gate: torch.Tensor | None = None) -> torch.Tensor:
     """J_F^T g through the main branch, with the gate and the ReLU masks of the real forward.
 
-    Returns a fresh tensor (a transposed convolution's output, masked in place).
+    Returns a fresh tensor (a transposed convolution's output, masked in place). A ReLU is off where
+    its output is 0 (it is never negative), so each mask is ReLU's backward kernel on the ReLU's
+    output: one pass, with no mask tensor to build.
     """
     if gate is not None:
         g = g * gate
-    off = _off_masks(acts) if off is None else off
     ins = [x, *acts]
     for i in reversed(range(len(weights))):
         g = _transpose(g, weights[i], ins[i].shape, *geometry[i])
         if i > 0:
-            g = g.masked_fill_(off[i - 1], 0.0)  # in place: a fresh transpose output
+            g = _where_positive(g, acts[i - 1])  # in place: a fresh transpose output
     return g
 
 
 def _main_twin(x: torch.Tensor, acts: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
-               geometry: Sequence[Geo], gate: torch.Tensor | None,
-               off: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+               geometry: Sequence[Geo], gate: torch.Tensor | None) -> torch.Tensor:
     """The main branch with ``weights``, biases dropped, the forward's ReLU masks and gate: J_F x (fresh)."""
-    off = _off_masks(acts) if off is None else off
     h = x
     for i, w in enumerate(weights):
         h = _forward(h, w, None, *geometry[i])
         if i < len(acts):
-            h = h.masked_fill_(off[i], 0.0)  # in place: a fresh convolution output
+            h = _where_positive(h, acts[i])  # in place: a fresh convolution output
     return h if gate is None else h * gate
 
 
 def _block_output_share(rel: torch.Tensor, den: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``rel / den`` where the block's output is positive, 0 elsewhere (fresh; den may be 0 there)."""
-    return (rel / den).masked_fill_(out <= 0, 0.0)
+    """``rel / den`` where the block's output is positive, 0 elsewhere (the block's output is a ReLU's,
+    never negative; ``den`` is fresh and may be 0 there): written into ``den`` where allowed."""
+    return _where_positive(_div_into(rel, den), out)
 
 
 def _pool(x: torch.Tensor, spec: PoolSpec) -> torch.Tensor:
@@ -930,11 +925,14 @@ def block_dense_zplus(x: torch.Tensor, out: torch.Tensor, rel: torch.Tensor, act
     stabilizer needs no sign.
     """
     wp, swp = weights, skip_weight
-    off = _off_masks(acts)  # shared by the twin's forward and its transpose
-    u_plus = _main_twin(x, acts, wp, geometry, gate, off)
+    u_plus = _main_twin(x, acts, wp, geometry, gate)
     u_plus = u_plus.add_(_skip_forward(x, swp, skip_geometry, skip_pool))  # in place: fresh
-    g = _block_output_share(rel, stabilize(u_plus, eps, nonneg=nonneg), out)
-    total = _block_transpose(g, x, acts, wp, geometry, gate, off)
+    if nonneg and effective_eps(eps, u_plus.dtype) > 0:  # u+ >= 0: the stabilizer is + eps, in place
+        den = u_plus.add_(effective_eps(eps, u_plus.dtype))
+    else:
+        den = stabilize(u_plus, eps, nonneg=nonneg)
+    g = _block_output_share(rel, den, out)
+    total = _block_transpose(g, x, acts, wp, geometry, gate)
     return total.add_(_skip_transpose(g, x, swp, skip_geometry, skip_pool)).mul_(x)
 
 
