@@ -15,22 +15,25 @@ from lrpfx.eval.models import build
 
 
 # ---------------------------------------------------------------- calibrated thresholds
-def test_calibration_at_the_median_is_chance_level() -> None:
-    """A uniformly random map attends about half the image: its median coverage is 1/2 and its
-    median precision the object's share of the image, which the masks alone give."""
-    cal = ev.calibrate_thresholds(64, seed=3, n=120, quantile=0.5)
+def test_calibration_lets_the_content_free_blob_pass_on_at_most_the_rate() -> None:
+    """Recomputed from the blob's precision and coverage on the same validation masks: at t the
+    blob is OK on at most 5% of the images, and just below t on more (t is the smallest)."""
+    from lrpfx.eval import metrics
+    cal = ev.calibrate_thresholds(64, seed=3, n=120, rate=0.05)
     data = ShapesDataset("val", n=120, size=64, seed=3, return_mask=True)
-    share = torch.tensor([float(torch.as_tensor(data[i][2]).float().mean()) for i in range(120)])
-    assert cal["split"] == "val" and cal["images"] == 120
-    assert abs(cal["c0"] - 0.5) < 0.02
-    assert abs(cal["p0"] - float(share.median())) < 0.02
+    masks = torch.stack([torch.as_tensor(data[i][2]) for i in range(120)]).bool()
+    labels = lambda t: metrics.error_type(ev.gaussian_blob(120, (64, 64)), masks, p0=t, c0=t)  # noqa: E731
+    assert cal["p0"] == cal["c0"] and cal["split"] == "val" and cal["images"] == 120
+    assert labels(cal["p0"]).count("OK") <= 6 == int(0.05 * 120)
+    assert labels(cal["p0"] - 0.002).count("OK") > 6 or labels(cal["p0"]).count("OK") == 6
+    assert cal["blob_ok"] == pytest.approx(labels(cal["p0"]).count("OK") / 120)
+    assert cal["random_ok"] <= cal["blob_ok"] + 0.05
 
 
-def test_calibration_quantile_raises_both_thresholds_and_uses_no_test_image() -> None:
-    lo = ev.calibrate_thresholds(64, seed=0, n=80, quantile=0.5)
-    hi = ev.calibrate_thresholds(64, seed=0, n=80, quantile=0.95)
-    assert hi["p0"] > lo["p0"] and hi["c0"] > lo["c0"]
-    assert "validation" in hi["rule"] and hi["split"] == "val"
+def test_a_stricter_rate_raises_the_threshold() -> None:
+    lo = ev.calibrate_thresholds(64, seed=0, n=80, rate=0.25)
+    hi = ev.calibrate_thresholds(64, seed=0, n=80, rate=0.0)
+    assert hi["p0"] > lo["p0"] and "validation" in hi["rule"]
 
 
 def test_markdown_states_the_calibrated_thresholds() -> None:
