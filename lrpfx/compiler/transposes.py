@@ -49,6 +49,9 @@ def _routing(node: fx.Node, inputs: list[fx.Node], env: dict[fx.Node, Any]) -> T
         return lambda rel: (Call(adjoints.cast_like, (rel, env[inputs[0]])),)
     if node.op == "call_function" and node.target is F.interpolate:  # nearest: one map for all channels
         return _interpolate_nearest(node, inputs, env)
+    dims = _static_permutation(node)
+    if dims is not None:  # a bijection: the inverse permutation, no index replay
+        return lambda rel: (Call(adjoints.permute_back, (rel,), {"dims": dims}),)
 
     def transpose(rel: Any) -> tuple[Call, ...]:
         index = {p: Call(adjoints.source_index, (env[p], *[env[q] for q in inputs[:i]]))
@@ -76,6 +79,20 @@ def _routing(node: fx.Node, inputs: list[fx.Node], env: dict[fx.Node, Any]) -> T
         parts = Call(adjoints.route_back, (rel, replay, *[env[p] for p in inputs]))
         return tuple(Call(operator.getitem, (parts, i)) for i in range(len(inputs)))
     return transpose
+
+
+def _static_permutation(node: fx.Node) -> tuple[int, ...] | None:
+    """The dims of ``x.permute(...)`` / ``torch.permute(x, dims)`` when they are literals, else None."""
+    if node.op == "call_method" and node.target == "permute":
+        dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        dims = node.kwargs.get("dims", dims)
+    elif node.op == "call_function" and node.target is torch.permute:
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dims")
+    else:
+        return None
+    if not isinstance(dims, (list, tuple)) or not dims or not all(isinstance(d, int) for d in dims):
+        return None
+    return tuple(dims)
 
 
 def _interpolate_nearest(node: fx.Node, inputs: list[fx.Node], env: dict[fx.Node, Any]) -> Transpose:

@@ -63,6 +63,8 @@ def stabilize(z: torch.Tensor, eps: float, nonneg: bool = False, rectified: bool
         return z.masked_fill(z == 0, 1.0)
     if nonneg:
         return z + eps
+    if _in_place(z):  # eager: the sign by copysign, one pass where a comparison and a select take two
+        return torch.copysign(z.new_full((), eps), z).add_(z)  # sign(-0.0) = -1 there: see _div_stabilized
     # 0-dim tensors of z's dtype: Python scalars in torch.where would round eps to float32
     return z + torch.where(z >= 0, z.new_full((), eps), z.new_full((), -eps))
 
