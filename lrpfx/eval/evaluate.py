@@ -784,7 +784,8 @@ def main(argv: list[str] | None = None) -> int:
     def write(result: dict[str, Any]) -> None:
         """results.json and results.md, rewritten after every method: an interrupted run keeps its rows."""
         result.update(seconds=time.perf_counter() - t0, threads=torch.get_num_threads(), command=command)
-        for name, text in (("results.json", json.dumps(result, indent=1)), ("results.md", markdown(result) + "\n")):
+        for name, text in (("results.json", json.dumps(result, indent=1)), ("results.md", markdown(result) + "\n"),
+                           ("results_compact.md", markdown(result, COMPACT_COLUMNS) + "\n")):
             tmp = out / f".{name}.tmp"
             tmp.write_text(text)
             os.replace(tmp, out / name)
