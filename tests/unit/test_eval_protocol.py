@@ -117,3 +117,18 @@ def test_the_224_model_runs_its_stages_at_resnet50s_resolutions() -> None:
         sizes.append(seen)
     assert sizes[0] == sizes[1] == [56, 28, 14, 7]
     assert ev.c3_options()["resize_to"] == (28, 28)
+
+
+@pytest.mark.parametrize("name, size", [("resnet50_w8_seed0", 64), ("resnet50_w8_seed1", 64),
+                                        ("resnet50_w8_seed2", 64), ("resnet50_224_w8_seed0", 224)])
+def test_the_shipped_seed_models_load_at_their_size_and_classify(name: str, size: int) -> None:
+    """The shipped weights load by name through the CLI's loader, at the size in their metadata,
+    and classify fresh validation images far above chance (1/8)."""
+    from lrpfx.cli.loading import load_model
+    from lrpfx.eval.datasets import generate_batch
+    loaded = load_model(f"bundled:{name}")
+    assert loaded.size == size
+    x, y, _ = generate_batch(5000, 48, split="val", size=size, seed=7)
+    with torch.no_grad():
+        accuracy = float((loaded.model(x).argmax(1) == y).float().mean())
+    assert accuracy > 0.4, accuracy
