@@ -8,7 +8,9 @@ pixels enter in a random order, averaged over ``--tie-seeds`` seeds) and as the 
 it (ties enter together); the pointing game at tolerance 0 (any tied maximum, as Quantus) and
 at 15 px scaled to the image; relevance mass and rank accuracy on R+ and signed (Quantus'
 convention); the IoU of R+ > mean(R+) and the IA/OA/WA labels of that same set for every map,
-at a sweep of thresholds; and, for the LRP methods, conservation. The C3 stage is applied like
+at a threshold calibrated on the validation split (``calibrate_thresholds``) and at a sweep of
+fixed ones; and, for the LRP methods, conservation. Images are the model's own size (64 px, or
+224 px for the 224-px model); ``--combine`` merges runs of several training seeds. The C3 stage is applied like
 for like ("+ C3" rows for LRP, Grad-CAM and Input x Gradient; both rankings for C3-LRP), beside
 content-free controls (a random map, a centred Gaussian blob), the binary C3 mask alone and
 the ground-truth mask. ABN's attention is scored with the ABN model, in its own block.
