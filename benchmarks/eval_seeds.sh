@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # The README's evaluation tables (issue #18): the ResNet-50 layout at width 8, trained from
 # three seeds at 64 px, every method scored on the same test images, then combined into
-# mean ± std over the seeds; and the 224-px model (one seed so far: SEEDS224="0"; the study
-# asks for three, and seeds 1 and 2 are not trained yet). One thread per run; the runs are
+# mean ± std over the seeds; and the 224-px model (SEEDS224="0" by default: only seed 0 is
+# evaluated so far; seeds 1 and 2 are trained and shipped, SEEDS224="0 1 2" evaluates all three). One thread per run; the runs are
 # independent, so JOBS=2 runs two at a time on a 2-core machine.
 #
 #   bash benchmarks/eval_seeds.sh            # IMAGES64=100 IMAGES224=50 POINTS=20 RISE=300 JOBS=2
 #
 # Training the six models (already shipped in lrpfx/eval/weights/; their JSON has each command):
 #   python -m lrpfx.eval.train --model resnet50_w8_seed$S --seed $S --epochs 9 --threads 1
-#   python -m lrpfx.eval.train --model resnet50_224_w8_seed$S --seed $S --size 224 --epochs 6 --threads 1   (S = 0)
+#   python -m lrpfx.eval.train --model resnet50_224_w8_seed$S --seed $S --size 224 --epochs 6 --threads 1   (S = 0, 1, 2)
 set -euo pipefail
 PY=${PY:-python}
 IMAGES64=${IMAGES64:-100}

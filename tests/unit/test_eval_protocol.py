@@ -120,7 +120,8 @@ def test_the_224_model_runs_its_stages_at_resnet50s_resolutions() -> None:
 
 
 @pytest.mark.parametrize("name, size", [("resnet50_w8_seed0", 64), ("resnet50_w8_seed1", 64),
-                                        ("resnet50_w8_seed2", 64), ("resnet50_224_w8_seed0", 224)])
+                                        ("resnet50_w8_seed2", 64), ("resnet50_224_w8_seed0", 224),
+                                        ("resnet50_224_w8_seed1", 224), ("resnet50_224_w8_seed2", 224)])
 def test_the_shipped_seed_models_load_at_their_size_and_classify(name: str, size: int) -> None:
     """The shipped weights load by name through the CLI's loader, at the size in their metadata,
     and classify fresh validation images far above chance (1/8)."""
