@@ -54,6 +54,7 @@ from lrpfx.relevance.rules import (
 )
 from lrpfx.relevance.base import unregister_rule
 from lrpfx.relevance.ruleset import Binding, RuleSet
+from lrpfx.runtime import keep_freed_memory
 
 __version__ = "0.1.0"
 
@@ -63,6 +64,6 @@ __all__ = [
     "Pattern", "Plan", "RegistryError", "Renormalize", "Route", "Rule", "RuleSet", "RuleSetError",
     "SignalTakesAll", "Slice", "TraceError", "TrainModeError", "UnmatchedNodeError", "WSquare", "WinnerTakesAll",
     "ZBox", "ZPlus", "Zero", "block_leaks", "builtin_rulesets", "compile", "export_onnx", "export_program",
-    "inspect", "register_op", "register_pattern", "register_rule", "registered_patterns", "registered_rules",
+    "inspect", "keep_freed_memory", "register_op", "register_pattern", "register_rule", "registered_patterns", "registered_rules",
     "unregister_op", "unregister_rule",
 ]

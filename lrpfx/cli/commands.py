@@ -27,6 +27,7 @@ class UserError(LrpfxError):
 # ------------------------------------------------------------------ commands
 def cmd_explain(args: argparse.Namespace) -> int:
     from lrpfx.cli import batch
+    lrpfx.keep_freed_memory()  # a batch job: tensors of the same sizes every batch (lrpfx.runtime)
     return batch.run(args)
 
 
@@ -65,6 +66,7 @@ def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from lrpfx.cli import demo
+    lrpfx.keep_freed_memory()  # (lrpfx.runtime)
     from lrpfx.cli.progress import Stages
     if args.images < 1:
         raise UserError(f"--images {args.images}: must be >= 1.")

@@ -281,6 +281,7 @@ def measure_memory(args: argparse.Namespace, names: list[str]) -> dict[str, floa
     for name in names:
         cmd = [sys.executable, "-m", "lrpfx.eval.bench", "--memory-of", name, "--arch", args.arch, "--batch",
                str(args.batch), "--size", str(args.size), "--threads", str(args.threads), "--dtype", args.dtype]
+        cmd += ["--keep-freed-memory"] if args.keep_freed_memory else []
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         try:
             out[name] = json.loads(proc.stdout.strip().splitlines()[-1])["extra_mb"]
@@ -321,11 +322,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory", action="store_true",
                    help="measure peak memory per method (CPU: fresh subprocesses; CUDA: always measured, "
                         "in process, from the caching allocator's peak)")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="let glibc's malloc keep freed memory for reuse (lrpfx.keep_freed_memory) in this process and "
+                        "the memory subprocesses, for every method alike")
     p.add_argument("--only", nargs="*", help="method names to run (default: all)")
     p.add_argument("--json", help="write the results to this file")
     p.add_argument("--memory-of", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.keep_freed_memory and not lrpfx.keep_freed_memory():
+        p.error("--keep-freed-memory: this C library is not glibc (the setting is glibc's mallopt)")
     if args.memory_of:
         memory_child(args)
         return 0
@@ -333,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         result = {"config": {k: v for k, v in vars(args).items() if k != "memory_of"}, "torch": torch.__version__,
                   "cpu_count": os.cpu_count(), "device_name": _device_name(args.device), "models": sweep(args)}
         print(f"batch {args.batch}, {args.threads} threads, {result['device_name']}, {args.dtype}, "
-              f"median of {args.rounds} interleaved rounds")
+              f"{'freed memory kept, ' if args.keep_freed_memory else ''}median of {args.rounds} interleaved rounds")
         print_sweep(result["models"])
         for arch, row in result["models"].items():
             for name, v in row.get("methods", {}).items():
@@ -354,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
               "torch": torch.__version__, "cpu_count": os.cpu_count(), "device_name": _device_name(args.device),
               "compile_resnet152_s": compile_time(), "methods": table}
     print(f"{args.arch}, batch {args.batch}, {args.size}x{args.size}, {args.threads} threads, {result['device_name']}, "
-          f"{args.dtype}{', channels-last' if args.channels_last else ''}, median of {args.rounds} interleaved rounds")
+          f"{args.dtype}{', channels-last' if args.channels_last else ''}"
+          f"{', freed memory kept' if args.keep_freed_memory else ''}, median of {args.rounds} interleaved rounds")
     print(f"{'method':42s} {'ms/batch':>9s} {'img/s':>7s} {'x floor':>8s} {'extra MB':>9s} {'mem x floor':>11s}  note")
     for k, v in table.items():
         print(f"{k:42s} {v['ms']:9.0f} {v['images_per_s']:7.1f} {v['ratio_to_floor']:8.2f} "
