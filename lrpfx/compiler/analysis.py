@@ -8,7 +8,7 @@ recomputing them:
 * ``rel_users``: how many relevance shares the node's value receives;
 * ``nonneg``: the value is provably >= 0 (ReLU outputs, and pools, sums, reshapes, gates of them);
 * ``zero_at_zero``: the value's relevance is provably 0 wherever the value is 0 (from its consumers' rules);
-* ``rectified``: a conv/linear output whose ReLU may run in place in the forward replay.
+* ``rectified``: a conv/linear output or residual sum whose ReLU may run in place in the forward replay.
 
 :func:`analyze` runs them in order and checks its postcondition: every path node has every fact.
 """
@@ -78,18 +78,28 @@ def zero_at_zero(plan: Plan) -> None:
 
 
 def rectification(plan: Plan) -> None:
-    """``rectified``: conv/linear outputs whose ReLU can run in place in the forward.
+    """``rectified``: conv/linear outputs and residual sums whose ReLU can run in place in the forward.
 
     Safe where the ReLU's output gets zero relevance wherever it is zero: the layer's rule then
     sees no difference between z and relu(z), and the activation is never copied. Block rules
-    read the ReLU outputs (and h_m, which no ReLU follows), never a conv's output.
+    read the ReLU outputs (and h_m, which no ReLU follows), never a conv's output. A sum
+    qualifies when its own rule says it does (``Rule.rectified_sum``: the epsilon family's
+    proportional split), or when one block covers the sum and its ReLU (block rules read the
+    summands and the ReLU's output, never the sum).
     """
     for n in plan.path:
         facts(n)["rectified"] = False
     for n in plan.path:
         src = n.args[0] if n.args else None
-        if plan.kinds.get(n) != "relu" or not isinstance(src, fx.Node) or len(src.users) != 1 \
-                or plan.kinds.get(src) not in ("conv", "linear"):
+        if plan.kinds.get(n) != "relu" or not isinstance(src, fx.Node) or len(src.users) != 1:
+            continue
+        if plan.kinds.get(src) == "add":
+            sa, a = plan.assignments.get(src), plan.assignments.get(n)
+            # a block rule reads its summands and its ReLU's output, never the sum itself
+            same_block = sa is not None and sa.block is not None and a is not None and a.block is sa.block
+            if sa is None or not (same_block or (sa.block is None and type(sa.rule).rectified_sum)):
+                continue
+        elif plan.kinds.get(src) not in ("conv", "linear"):
             continue
         a = plan.assignments.get(n)
         in_block = a is not None and a.block is not None and a.anchor is not n and src in a.nodes

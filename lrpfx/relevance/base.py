@@ -93,6 +93,10 @@ class Rule:
     #: (zero where the input is zero, R = a * c), "transmit" (the output's relevance, routed:
     #: zero where the input is zero if the output's is), or "other" (the safe default)
     zero_at_zero: ClassVar[str] = "other"
+    #: whether the rule, bound to a residual sum ``u`` that only a ReLU reads, gives the same relevances
+    #: when ``op.out`` holds relu(u) (the ReLU run in place), given that the sum's relevance is 0
+    #: wherever u <= 0; then ``op.attrs["z_rectified"]`` is set and the sum is never copied
+    rectified_sum: ClassVar[bool] = False
 
     def apply(self, op: Op) -> tuple[Call, ...]:
         """One call per entry of ``op.inputs``: the relevance of that input."""

@@ -625,13 +625,19 @@ def _route(a: torch.Tensor, idx: torch.Tensor, rel: torch.Tensor) -> torch.Tenso
     return out.scatter_add(2, idx.flatten(2), rel.flatten(2)).view(a.shape)
 
 
-def add_split(u: torch.Tensor, rel: torch.Tensor, *, eps: float) -> torch.Tensor:
+def add_split(u: torch.Tensor, rel: torch.Tensor, *, eps: float, rectified: bool = False) -> torch.Tensor:
     """The shared factor of the proportional split at ``u = h_1 + h_2``: R_i = h_i * (R / stabilize(u)).
 
     The stabilizer's sign is taken with ``copysign`` (one vectorized pass, then two in place):
     it differs from sign(0) = +1 only at u = -0.0, which a sum reaches only when every summand
-    is a zero, so every share h_i * factor is 0 either way.
+    is a zero, so every share h_i * factor is 0 either way. ``rectified=True``: ``u`` holds
+    relu(sum) (the forward ran its ReLU in place) and ``rel`` is 0 wherever the sum was <= 0, so
+    the stabilizer is +eps (one pass, and the division in place); the factor is the same where
+    the sum was > 0 and 0 elsewhere.
     """
+    if rectified:
+        den = stabilize(u, eps, nonneg=True, rectified=True)  # fresh
+        return _div_into(rel, den)
     return _div_stabilized(rel, u, eps)
 
 

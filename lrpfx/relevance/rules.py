@@ -61,6 +61,7 @@ class Epsilon(Rule):
     """
 
     zero_at_zero: ClassVar[str] = "proportional"
+    rectified_sum: ClassVar[bool] = True  # R_i = h_i R / stabilize(u): where u <= 0, R = 0 and so is every share
     name: ClassVar[str] = "epsilon"
     kinds: ClassVar[frozenset[str]] = frozenset(
         {"conv", "linear", "batchnorm", "avgpool", "adaptive_avgpool", "add", "linear_op", "norm"})
@@ -88,7 +89,8 @@ class Epsilon(Rule):
             return (Call(kernels.avgpool, (a, op.out, op.rel), {"eps": self.eps, **pool}),)
         if op.kind == "adaptive_avgpool":
             return (Call(kernels.adaptive_avgpool2d, (a, op.out, op.rel), {"eps": self.eps}),)
-        factor = Call(kernels.add_split, (op.out, op.rel), {"eps": self.eps})
+        rectified = {"rectified": True} if op.attrs.get("z_rectified") else {}
+        factor = Call(kernels.add_split, (op.out, op.rel), {"eps": self.eps, **rectified})
         # a summand broadcast to the sum's shape (a global-context add) takes the sum of its shares
         return tuple(Call(adjoints.times, (factor, h, h)) for h in op.inputs)
 

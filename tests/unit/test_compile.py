@@ -333,3 +333,28 @@ def test_functional_layers_become_layers() -> None:
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     relevance, _ = lrpfx.compile(model, rules="lrp0")(x, torch.tensor([1, 3]))
     assert rel_err(relevance, input_x_gradient(model, x, torch.tensor([1, 3]))) < 1e-6
+
+
+def test_a_residual_sums_relu_runs_in_place_only_where_its_rule_allows_and_changes_nothing() -> None:
+    """The epsilon family's split reads the sum only where its relevance is non-zero (u > 0), so the
+    sum's ReLU runs in place (no copy of the sum); a rule that does not declare ``rectified_sum``
+    keeps the ReLU out of place. Both explainers give the same relevance, bit for bit."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from lrpfx.relevance.rules import Norm
+
+    @dataclass(frozen=True)
+    class NormReadingTheSum(Norm):
+        rectified_sum: ClassVar[bool] = False
+
+    model = tv_model("resnet18")
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    rs = lrpfx.RuleSet.builtin("epsilon_gamma_box")
+    fast = lrpfx.compile(model, rs)
+    slow = lrpfx.compile(model, rs.with_bindings({"add": NormReadingTheSum(eps=1e-6)}))
+    assert fast.code.count("torch.relu_(add") == 8 and "torch.relu(add" not in fast.code
+    assert slow.code.count("torch.relu(add") == 8 and "torch.relu_(add" not in slow.code
+    assert torch.equal(fast(x, 3)[0], slow(x, 3)[0])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

@@ -382,3 +382,22 @@ def test_maxpool_wta_at_the_forward_indices_is_the_gradient() -> None:
     r = torch.randn_like(out)
     grad, = torch.autograd.grad(F.max_pool2d(a, **geo), a, r)
     assert torch.equal(kernels.maxpool_wta_indexed(a.detach(), r, idx), grad)
+
+
+@pytest.mark.parametrize("eps", [EPS, 0.0])
+def test_rectified_sum_split_matches_the_split_of_the_sum_itself(eps: float) -> None:
+    """A residual sum u = h1 + h2 whose ReLU ran in place (op.out holds relu(u)) and whose relevance
+    is 0 wherever u <= 0: each share is h_i R / (u + eps sign(u)), computed from u itself."""
+    h1, h2 = torch.randn(2, 5, 6, 6, dtype=torch.float64), torch.randn(2, 5, 6, 6, dtype=torch.float64)
+    u = h1 + h2
+    r = torch.rand_like(u) * (u > 0)
+    rule = rules.Epsilon(eps=eps)
+    op = Op(kind="add", node="add", inputs=[h1, h2], out=u.clamp(min=0), rel=r, attrs={"z_rectified": True})
+    calls = rule.apply(op)
+    shares = [c.evaluate() for c in calls]
+    assert calls[0].args[0].kwargs.get("rectified") is True  # the factor took the one-pass stabilizer
+    one = u.new_ones(())
+    den = u + eps * torch.where(u >= 0, one, -one) if eps else torch.where(u == 0, one, u)
+    for h, share in zip((h1, h2), shares):
+        assert torch.allclose(share, h * (r / den), rtol=1e-15, atol=0)
+    assert torch.equal(shares[0][u <= 0], torch.zeros_like(u[u <= 0]))
