@@ -1,13 +1,15 @@
 """Process settings that make explainers faster on the CPU.
 
 :func:`keep_freed_memory` lets glibc's ``malloc`` keep the memory a freed tensor held, so the
-next tensor of that size reuses it. By default glibc serves every block of 128 KiB or more (up
-to a dynamic threshold of 32 MiB) with its own ``mmap`` and returns it to the system on ``free``;
-the next tensor then starts on fresh pages, and the kernel zeroes each 4 KiB page on first
-touch. On ResNet-50 at batch 8 that is 6,272 page faults per 25 MB activation, several times
-over for every layer, and a measured 25 % of the floor's time (forward + Input x Gradient
-backward) and 30 % of ``epsilon_gamma_box``'s on the development machine
-(``python -m lrpfx.eval.bench --keep-freed-memory``, docs/benchmark.md).
+next tensor of that size reuses it. By default glibc serves a block above its mmap threshold
+(128 KiB at first, raised as such blocks are freed, to at most 32 MiB) with its own ``mmap``
+and returns it to the system on ``free``, and it trims the free top of its heap; the next tensor
+then starts on fresh pages, and the kernel zeroes each 4 KiB page on first touch: 6,272 page
+faults for a 25 MB activation. At ResNet-50's batch 8 (activations up to 25.7 MB, under the
+raised threshold) this made no measurable difference on the development machine; at batch 16
+(51 MB) it measured the floor (forward + Input x
+Gradient backward) at 0.87-0.92x its time and ``epsilon_gamma_box`` at 0.82-0.91x
+(``benchmarks/keep_freed_memory_b16.txt``).
 
 It is the glibc counterpart of running PyTorch on the CPU with jemalloc or tcmalloc preloaded
 (``LD_PRELOAD``), as ``torch.backends.xeon.run_cpu`` does, without another library. It changes
