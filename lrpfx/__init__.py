@@ -64,6 +64,6 @@ __all__ = [
     "Pattern", "Plan", "RegistryError", "Renormalize", "Route", "Rule", "RuleSet", "RuleSetError",
     "SignalTakesAll", "Slice", "TraceError", "TrainModeError", "UnmatchedNodeError", "WSquare", "WinnerTakesAll",
     "ZBox", "ZPlus", "Zero", "block_leaks", "builtin_rulesets", "compile", "export_onnx", "export_program",
-    "inspect", "keep_freed_memory", "register_op", "register_pattern", "register_rule", "registered_patterns", "registered_rules",
-    "unregister_op", "unregister_rule",
+    "inspect", "keep_freed_memory", "register_op", "register_pattern", "register_rule", "registered_patterns",
+    "registered_rules", "unregister_op", "unregister_rule",
 ]

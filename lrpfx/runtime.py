@@ -7,9 +7,8 @@ and returns it to the system on ``free``, and it trims the free top of its heap;
 then starts on fresh pages, and the kernel zeroes each 4 KiB page on first touch: 6,272 page
 faults for a 25 MB activation. At ResNet-50's batch 8 (activations up to 25.7 MB, under the
 raised threshold) this made no measurable difference on the development machine; at batch 16
-(51 MB) it measured the floor (forward + Input x
-Gradient backward) at 0.87-0.92x its time and ``epsilon_gamma_box`` at 0.82-0.91x
-(``benchmarks/keep_freed_memory_b16.txt``).
+(51 MB) it measured the floor (forward + Input x Gradient backward) at 0.87-0.92x its time and
+``epsilon_gamma_box`` at 0.82-0.91x (``benchmarks/keep_freed_memory_b16.txt``).
 
 It is the glibc counterpart of running PyTorch on the CPU with jemalloc or tcmalloc preloaded
 (``LD_PRELOAD``), as ``torch.backends.xeon.run_cpu`` does, without another library. It changes

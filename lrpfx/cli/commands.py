@@ -66,8 +66,8 @@ def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from lrpfx.cli import demo
-    lrpfx.keep_freed_memory()  # (lrpfx.runtime)
     from lrpfx.cli.progress import Stages
+    lrpfx.keep_freed_memory()  # (lrpfx.runtime)
     if args.images < 1:
         raise UserError(f"--images {args.images}: must be >= 1.")
     stages = Stages(quiet=args.quiet)
