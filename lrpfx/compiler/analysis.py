@@ -93,15 +93,16 @@ def rectification(plan: Plan) -> None:
         src = n.args[0] if n.args else None
         if plan.kinds.get(n) != "relu" or not isinstance(src, fx.Node) or len(src.users) != 1:
             continue
-        if plan.kinds.get(src) == "add":
-            sa, a = plan.assignments.get(src), plan.assignments.get(n)
+        a, src_kind = plan.assignments.get(n), plan.kinds.get(src)
+        if src_kind == "add":
+            sa = plan.assignments.get(src)
             # a block rule reads its summands and its ReLU's output, never the sum itself
             same_block = sa is not None and sa.block is not None and a is not None and a.block is sa.block
-            if sa is None or not (same_block or (sa.block is None and type(sa.rule).rectified_sum)):
+            own_rule = sa is not None and sa.block is None and type(sa.rule).rectified_sum
+            if not (same_block or own_rule):
                 continue
-        elif plan.kinds.get(src) not in ("conv", "linear"):
+        elif src_kind not in ("conv", "linear"):
             continue
-        a = plan.assignments.get(n)
         in_block = a is not None and a.block is not None and a.anchor is not n and src in a.nodes
         if facts(n)["zero_at_zero"] or in_block:
             facts(src)["rectified"] = True
